@@ -1,0 +1,340 @@
+"""The embedding backfill on Spark: Delta items -> text encoder -> validated Delta + Feast.
+
+The order of the steps is the exactly-once argument (DESIGN.md, invariant 2):
+
+1. Pre-flight on the driver — config, source table and schema, model artifact (loaded once here to
+   fail fast on a bad file), target writability — before any Spark work.
+2. If the target already holds this run's app transaction (same source, model and source
+   version), the Delta part is done: only the online store is repaired, then the run ends.
+3. Select rows by mode, embed them with ``mapInArrow`` (persisted once), split outputs from
+   quarantined rows, apply the quality gate.
+4. Append quarantined rows (idempotent), MERGE outputs (idempotent; the commit records progress),
+   then write the online store (keyed upserts). A crash anywhere replays harmlessly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from schemas.items import ACCEPTED_ID_TYPES, ACCEPTED_TEXT_TYPES
+from schemas.quarantine import QUARANTINE_SCHEMA
+from transforms import delta_lineage
+from transforms.crashpoints import crash_point
+from transforms.embed_items import EmbedSpec
+from transforms.errors import QualityGateError, SourceError
+from transforms.models.spec import load_encoder
+from transforms.spark import delta_io
+from transforms.spark.embed import OK, QUARANTINED, STATUS, make_embed_fn, stats_accumulator_param
+from transforms.spark.feast_write import online_sink, write_online
+from transforms.spark.progress import stage_progress
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+    from pipelines.config import BackfillConfig
+
+log = logging.getLogger("sluice.backfill")
+JOB = "backfill"
+
+
+@dataclass
+class BackfillSummary:
+    """What a run did; printed as the one-screen summary and returned to callers (Airflow, tests)."""
+
+    run_id: str
+    mode: str
+    source_uri: str
+    source_version: int
+    target_uri: str
+    quarantine_uri: str
+    model_name: str
+    model_version: str
+    precision: str
+    device: str
+    rows_in: int = 0
+    rows_out: int = 0
+    rows_deleted: int = 0
+    quarantined: dict[str, int] = field(default_factory=dict)
+    online_written: int = 0
+    skipped_reason: str | None = None
+    inference_seconds: float = 0.0
+    total_seconds: float = 0.0
+    padding_efficiency: float | None = None
+    oom_retries: int = 0
+    target_version: int | None = None
+    online_store: str | None = None
+
+    @property
+    def rows_quarantined(self) -> int:
+        return sum(self.quarantined.values())
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_in / self.inference_seconds if self.inference_seconds else 0.0
+
+
+def _select_rows(
+    spark: SparkSession, cfg: BackfillConfig, source: delta_lineage.TableInfo, model_version: str
+) -> tuple[DataFrame | None, str | None, bool]:
+    """(rows to process with ``_op``, reason when there is nothing to do, delete_missing)."""
+    from pyspark.sql import functions as F
+
+    id_col = cfg.source.id_column
+    version = source.version
+
+    def snapshot() -> DataFrame:
+        return delta_io.read_snapshot(spark, cfg.source.uri, version).withColumn(
+            delta_io.OP, F.lit(delta_io.UPSERT)
+        )
+
+    if cfg.mode == "full":
+        return snapshot(), None, True
+    if cfg.mode == "incremental":
+        last = delta_lineage.last_processed_version(
+            cfg.target.uri, source.table_id, JOB, cfg.target.storage_options
+        )
+        if last is None:
+            log.info("no earlier run recorded in the target: incremental starts with a full pass")
+            return snapshot(), None, True
+        if last >= version:
+            return None, f"source version {version} already processed", False
+        if not source.cdf_enabled:
+            raise SourceError(
+                f"source table {cfg.source.uri} has no change data feed, so --mode incremental cannot "
+                "find changed rows: enable delta.enableChangeDataFeed on it or use --mode full"
+            )
+        changes = delta_io.read_latest_changes(
+            spark, cfg.source.uri, start=last + 1, end=version, id_column=id_col
+        )
+        return changes, None, False
+    # stale: rows with no embedding from the current model (never embedded, or embedded by another)
+    rows = snapshot()
+    if delta_lineage.table_exists(cfg.target.uri, cfg.target.storage_options):
+        current = (
+            spark.read.format("delta")
+            .load(cfg.target.uri)
+            .filter(F.col("model_version") == model_version)
+            .select(F.col("item_id").alias(id_col))
+        )
+        rows = rows.join(current, on=id_col, how="left_anti")
+    return rows, None, False
+
+
+def _input_duplicates(rows: DataFrame, id_col: str) -> tuple[DataFrame, DataFrame]:
+    """Split rows whose id appears more than once (all copies quarantined) from the rest."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    counted = rows.withColumn("_copies", F.count(F.lit(1)).over(Window.partitionBy(id_col)))
+    unique = counted.filter((F.col("_copies") == 1) | F.col(id_col).isNull()).drop("_copies")
+    dupes = counted.filter((F.col("_copies") > 1) & F.col(id_col).isNotNull())
+    return unique, dupes
+
+
+def _partitions(cfg: BackfillConfig, spark: SparkSession, rows: int) -> int:
+    if cfg.spark.partitions:
+        return cfg.spark.partitions
+    cores = spark.sparkContext.defaultParallelism
+    # Enough tasks to balance heavy-tailed texts across cores and show progress, large enough
+    # (~2k rows) that length bucketing inside each task still has texts of similar length to group.
+    return max(cores, min(cores * 8, -(-rows // 2048)))
+
+
+def run_backfill(cfg: BackfillConfig, spark: SparkSession, *, run_id: str | None = None) -> BackfillSummary:
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import StructType
+
+    t_start = time.perf_counter()
+    run_id = run_id or uuid.uuid4().hex[:12]
+
+    # 1. Pre-flight: everything that can be wrong with the inputs fails here, before any writes.
+    source = delta_lineage.describe_table(cfg.source.uri, cfg.source.storage_options)
+    delta_lineage.check_columns(
+        source, {cfg.source.id_column: ACCEPTED_ID_TYPES, cfg.source.text_column: ACCEPTED_TEXT_TYPES}
+    )
+    delta_io.check_writable(cfg.target.uri)
+    delta_io.check_writable(cfg.target.quarantine)
+    encoder = load_encoder(cfg.model)
+    dim = encoder.dim
+    feast_on = cfg.feast is not None and cfg.feast.enabled
+    if feast_on:
+        assert cfg.feast is not None
+        online_sink(
+            cfg.feast, cfg.target.uri, dim
+        ).apply()  # an unreachable store fails now, not after inference
+    summary = BackfillSummary(
+        run_id=run_id,
+        mode=cfg.mode,
+        source_uri=cfg.source.uri,
+        source_version=source.version,
+        target_uri=cfg.target.uri,
+        quarantine_uri=cfg.target.quarantine,
+        model_name=cfg.model.name or encoder.name,
+        model_version=encoder.version,
+        precision=encoder.precision,
+        device=str(encoder.device),
+        online_store=cfg.feast.online_store.type if cfg.feast and cfg.feast.enabled else None,
+    )
+    app = delta_lineage.app_id(JOB, cfg.mode, source.table_id, encoder.version)
+    meta = delta_lineage.commit_metadata(
+        job=JOB,
+        source=source,
+        source_version=source.version,
+        model_version=encoder.version,
+        run_id=run_id,
+        mode=cfg.mode,
+    )
+
+    # 2. Already published to Delta by an earlier (possibly crashed) run: repair the online store only.
+    done = delta_lineage.committed_txn_version(cfg.target.uri, app, cfg.target.storage_options)
+    if done is not None and done >= source.version:
+        summary.skipped_reason = (
+            f"source version {source.version} already committed for model {encoder.version}"
+        )
+        if feast_on:
+            assert cfg.feast is not None
+            published = (
+                spark.read.format("delta")
+                .load(cfg.target.uri)
+                .filter(
+                    (F.col("model_version") == encoder.version) & (F.col("source_version") == source.version)
+                )
+            )
+            summary.online_written = write_online(published, cfg.feast, cfg.target.uri, dim)
+        summary.total_seconds = time.perf_counter() - t_start
+        return summary
+
+    rows, nothing_reason, delete_missing = _select_rows(spark, cfg, source, encoder.version)
+    if rows is None:
+        summary.skipped_reason = nothing_reason
+        summary.total_seconds = time.perf_counter() - t_start
+        return summary
+    crash_point("after_read")
+
+    id_col, text_col = cfg.source.id_column, cfg.source.text_column
+    deletes = rows.filter(F.col(delta_io.OP) == delta_io.DELETE).select(
+        F.col(id_col).cast("string").alias("item_id")
+    )
+    upserts = rows.filter(F.col(delta_io.OP) == delta_io.UPSERT)
+    unique, dupes = _input_duplicates(upserts.select(id_col, text_col), id_col)
+    n_in = upserts.count()
+    n_deleted = deletes.count()
+    summary.rows_in, summary.rows_deleted = n_in, n_deleted
+
+    # 3. Inference, once: persisted, then split.
+    spec = EmbedSpec(
+        model=cfg.model,
+        source_version=source.version,
+        run_id=run_id,
+        limits=cfg.batching.limits(),
+        id_column="item_id",
+        text_column="text",
+        norm_tolerance=cfg.validation.norm_tolerance,
+    )
+    acc = spark.sparkContext.accumulator({}, stats_accumulator_param())
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    from transforms.spark.embed import combined_schema
+
+    out_type: StructType = from_arrow_schema(combined_schema(dim))
+    parts = _partitions(cfg, spark, n_in)
+    embedded = (
+        unique.select(F.col(id_col).cast("string").alias("item_id"), F.col(text_col).alias("text"))
+        .repartition(parts)
+        .mapInArrow(make_embed_fn(spec, dim, acc), out_type)
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    )
+    t_inf = time.perf_counter()
+    with stage_progress(spark, "embedding", total_rows=n_in, enabled=cfg.spark.progress):
+        counts = {
+            (r[STATUS], r["stage"]): r["count"] for r in embedded.groupBy(STATUS, "stage").count().collect()
+        }
+    summary.inference_seconds = time.perf_counter() - t_inf
+    stats: dict[str, Any] = acc.value
+    if stats.get("padded_tokens"):
+        summary.padding_efficiency = stats["real_tokens"] / stats["padded_tokens"]
+    summary.oom_retries = int(stats.get("oom_retries", 0))
+
+    n_dupes = dupes.count()
+    summary.rows_out = counts.get((OK, None), 0)
+    quarantined: dict[str, int] = {}
+    for (status, stage), c in counts.items():
+        if status == QUARANTINED:
+            quarantined[stage] = quarantined.get(stage, 0) + c
+    if n_dupes:
+        quarantined["input"] = quarantined.get("input", 0) + n_dupes
+    summary.quarantined = quarantined
+    try:
+        q_cols = [f.name for f in QUARANTINE_SCHEMA]
+        q_rows = embedded.filter(F.col(STATUS) == QUARANTINED).select(*q_cols)
+        if n_dupes:
+            q_rows = q_rows.unionByName(
+                dupes.select(
+                    F.col(id_col).cast("string").alias("item_id"),
+                    F.col(text_col).cast("string").alias("text"),
+                    F.lit("input").alias("stage"),
+                    F.lit("id_unique").alias("check"),
+                    F.concat(
+                        F.lit("item id appears "),
+                        F.col("_copies").cast("string"),
+                        F.lit(" times in the source"),
+                    ).alias("reason"),
+                    F.lit(encoder.version).alias("model_version"),
+                    F.lit(source.version).cast("long").alias("source_version"),
+                    F.lit(run_id).alias("run_id"),
+                    F.current_timestamp().alias("quarantined_at"),
+                )
+            )
+
+        # 4. Publish: quarantine, then the target (its commit is the progress marker), then Feast.
+        if summary.rows_quarantined:
+            delta_io.append_idempotent(
+                q_rows, cfg.target.quarantine, app_id=app, version=source.version, user_metadata=meta
+            )
+        crash_point("after_quarantine_commit")
+        fraction = summary.rows_quarantined / n_in if n_in else 0.0
+        if fraction > cfg.validation.max_quarantine_fraction:
+            raise QualityGateError(
+                f"{summary.rows_quarantined} of {n_in} rows ({fraction:.1%}) were quarantined, above "
+                f"validation.max_quarantine_fraction={cfg.validation.max_quarantine_fraction:.1%}: nothing was "
+                f"published; see {cfg.target.quarantine} for the reasons"
+            )
+        ok_rows = embedded.filter(F.col(STATUS) == OK).select(
+            "item_id", "embedding", "model_name", "model_version", "source_version", "processed_at"
+        )
+        changes = ok_rows.withColumn(delta_io.OP, F.lit(delta_io.UPSERT))
+        if n_deleted:
+            null_cols = {c: F.lit(None).cast(t) for c, t in ok_rows.dtypes if c != "item_id"}
+            changes = changes.unionByName(
+                deletes.select("item_id", *[v.alias(k) for k, v in null_cols.items()]).withColumn(
+                    delta_io.OP, F.lit(delta_io.DELETE)
+                )
+            )
+        delta_io.ensure_embeddings_table(spark, cfg.target.uri, dim)
+        crash_point("before_delta_commit")
+        delta_io.merge_embeddings(
+            spark,
+            cfg.target.uri,
+            changes,
+            delete_missing=delete_missing,
+            app_id=app,
+            version=source.version,
+            user_metadata=meta,
+        )
+        crash_point("after_delta_commit")
+        summary.target_version = delta_lineage.describe_table(
+            cfg.target.uri, cfg.target.storage_options
+        ).version
+        if feast_on and summary.rows_out:
+            assert cfg.feast is not None
+            summary.online_written = write_online(ok_rows, cfg.feast, cfg.target.uri, dim)
+        crash_point("after_online_write")
+    finally:
+        embedded.unpersist()
+    summary.total_seconds = time.perf_counter() - t_start
+    return summary

@@ -1,0 +1,194 @@
+"""One batch of items in, embeddings and quarantined rows out: the whole per-record path of the
+embedding backfill, engine-free.
+
+Every input row leaves in exactly one of the two outputs (invariant 1): rows with no id or no text
+are quarantined before the model (stage ``input``), rows the model raises on are isolated and
+quarantined (stage ``model``), and outputs failing an expectation are quarantined (stage
+``validation``). The engines only move batches in and out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from schemas.embeddings import embeddings_schema
+from schemas.quarantine import QUARANTINE_SCHEMA
+from transforms.batching import BatchLimits
+from transforms.inference import EncodeStats, encode_texts
+from transforms.models.spec import ModelConfig, load_encoder
+from transforms.validation import EmbeddingValidator
+
+_ROW = "_sluice_row"
+
+
+@dataclass(frozen=True)
+class EmbedSpec:
+    """Everything a worker needs to embed a batch; small and picklable (it ships to executors)."""
+
+    model: ModelConfig
+    source_version: int
+    run_id: str
+    limits: BatchLimits = field(default_factory=BatchLimits)
+    id_column: str = "item_id"
+    text_column: str = "text"
+    norm_tolerance: float = 1e-3
+
+
+@dataclass
+class EmbedOutcome:
+    output: pa.RecordBatch
+    quarantine: pa.RecordBatch
+    stats: EncodeStats = field(default_factory=EncodeStats)
+
+
+def _quarantine_rows(
+    ids: pa.Array,
+    texts: pa.Array,
+    rows: np.ndarray,
+    *,
+    stage: str,
+    checks: list[str],
+    reasons: list[str],
+    model_version: str | None,
+    spec: EmbedSpec,
+    now: datetime,
+) -> pa.RecordBatch:
+    n = len(rows)
+    idx = pa.array(rows, type=pa.int64())
+    return pa.RecordBatch.from_arrays(
+        [
+            ids.take(idx),
+            texts.take(idx),
+            pa.array([stage] * n, pa.string()),
+            pa.array(checks, pa.string()),
+            pa.array(reasons, pa.string()),
+            pa.array([model_version] * n, pa.string()),
+            pa.array([spec.source_version] * n, pa.int64()),
+            pa.array([spec.run_id] * n, pa.string()),
+            pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+        ],
+        schema=QUARANTINE_SCHEMA,
+    )
+
+
+def _input_problems(ids: pa.Array, texts: pa.Array) -> tuple[np.ndarray, list[str], list[str]]:
+    """Rows the model must never see, found with vectorised Arrow kernels."""
+    id_null = pc.is_null(ids).to_numpy(zero_copy_only=False)
+    text_null = pc.is_null(texts).to_numpy(zero_copy_only=False)
+    stripped = pc.utf8_trim_whitespace(pc.fill_null(texts, ""))
+    text_empty = pc.equal(pc.utf8_length(stripped), 0).to_numpy(zero_copy_only=False) & ~text_null
+    bad = np.flatnonzero(id_null | text_null | text_empty)
+    checks: list[str] = []
+    reasons: list[str] = []
+    for r in bad:
+        if id_null[r]:
+            checks.append("id_not_null")
+            reasons.append("item id is null")
+        elif text_null[r]:
+            checks.append("text_not_null")
+            reasons.append("text is null")
+        else:
+            checks.append("text_not_empty")
+            reasons.append("text is empty or whitespace only")
+    return bad, checks, reasons
+
+
+def embed_items(
+    spec: EmbedSpec,
+    batch: pa.RecordBatch,
+    *,
+    gpu_address: str | None = None,
+    cores: int | None = None,
+) -> EmbedOutcome:
+    """Embed one batch of items. ``len(output) + len(quarantine) == len(batch)``, always."""
+    encoder = load_encoder(spec.model, gpu_address=gpu_address, cores=cores)
+    model_name = spec.model.name or encoder.name
+    now = datetime.now(UTC)
+    ids = pc.cast(batch.column(spec.id_column), pa.string())
+    texts = pc.cast(batch.column(spec.text_column), pa.string())
+
+    bad, checks, reasons = _input_problems(ids, texts)
+    parts = []
+    if len(bad):
+        parts.append(
+            _quarantine_rows(
+                ids,
+                texts,
+                bad,
+                stage="input",
+                checks=checks,
+                reasons=reasons,
+                model_version=encoder.version,
+                spec=spec,
+                now=now,
+            )
+        )
+    good = np.setdiff1d(np.arange(len(batch)), bad, assume_unique=True)
+    good_texts = texts.take(pa.array(good, type=pa.int64())).to_pylist()
+    result = encode_texts(encoder, good_texts, limits=spec.limits)
+
+    if result.failed:
+        failed_local = np.array(sorted(result.failed), dtype=np.int64)
+        parts.append(
+            _quarantine_rows(
+                ids,
+                texts,
+                good[failed_local],
+                stage="model",
+                checks=[result.failed[int(i)][0] for i in failed_local],
+                reasons=[result.failed[int(i)][1] for i in failed_local],
+                model_version=encoder.version,
+                spec=spec,
+                now=now,
+            )
+        )
+        keep_local = np.setdiff1d(np.arange(len(good)), failed_local, assume_unique=True)
+    else:
+        keep_local = np.arange(len(good))
+
+    rows = good[keep_local]
+    vectors = result.embeddings[keep_local]
+    n = len(rows)
+    dim = encoder.dim
+    schema = embeddings_schema(dim)
+    candidate = pa.RecordBatch.from_arrays(
+        [
+            ids.take(pa.array(rows, type=pa.int64())),
+            pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
+            pa.array([model_name] * n, pa.string()),
+            pa.array([encoder.version] * n, pa.string()),
+            pa.array([spec.source_version] * n, pa.int64()),
+            pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+            pa.array(rows, pa.int64()),
+        ],
+        schema=schema.append(pa.field(_ROW, pa.int64())),
+    )
+    outcome = EmbeddingValidator(dim=dim, norm_tolerance=spec.norm_tolerance).validate(candidate)
+    if outcome.rejected.num_rows:
+        rej = outcome.rejected
+        parts.append(
+            _quarantine_rows(
+                ids,
+                texts,
+                rej.column(_ROW).to_numpy(),
+                stage="validation",
+                checks=rej.column("check").to_pylist(),
+                reasons=rej.column("reason").to_pylist(),
+                model_version=encoder.version,
+                spec=spec,
+                now=now,
+            )
+        )
+    valid = outcome.valid
+    output = pa.RecordBatch.from_arrays([valid.column(f.name) for f in schema], schema=schema)
+    quarantine = (
+        pa.Table.from_batches(parts, schema=QUARANTINE_SCHEMA).combine_chunks().to_batches()[0]
+        if parts
+        else pa.RecordBatch.from_pylist([], schema=QUARANTINE_SCHEMA)
+    )
+    return EmbedOutcome(output=output, quarantine=quarantine, stats=result.stats)

@@ -1,0 +1,1 @@
+"""Model artifacts and how they become torch modules in a worker process."""

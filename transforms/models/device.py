@@ -1,0 +1,60 @@
+"""Which device and numeric precision a worker runs its model at.
+
+Kept apart from loading because the engines decide the device (Spark hands each task a GPU
+address; Beam and the consumer pick the first visible one) while the loader only obeys.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal, cast
+
+import torch
+
+from transforms.errors import ConfigError
+
+Precision = Literal["fp32", "bf16", "fp16", "int8"]
+PrecisionSetting = Literal["auto", "fp32", "bf16", "fp16", "int8"]
+DeviceSetting = Literal["auto", "cpu", "cuda"]
+
+
+def resolve_device(setting: str = "auto", *, gpu_address: str | None = None) -> torch.device:
+    """``auto`` means CUDA when a GPU is visible, else CPU. ``gpu_address`` is the ordinal a
+    scheduler assigned to this task (Spark's ``TaskContext.resources()['gpu']``)."""
+    if setting not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"model.device must be auto, cpu or cuda, not {setting!r}")
+    if setting == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if setting == "cuda":
+            raise ConfigError("model.device is cuda but no CUDA device is visible to this worker")
+        return torch.device("cpu")
+    index = int(gpu_address) if gpu_address not in (None, "") else 0
+    return torch.device("cuda", index)
+
+
+def resolve_precision(setting: str, device: torch.device) -> Precision:
+    """Map the configured precision onto what this device can do, refusing impossible combos."""
+    if setting == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if setting not in ("fp32", "bf16", "fp16", "int8"):
+        raise ConfigError(f"model.precision must be auto, fp32, bf16, fp16 or int8, not {setting!r}")
+    if setting in ("bf16", "fp16") and device.type != "cuda":
+        raise ConfigError(f"model.precision {setting} needs a GPU; on CPU use fp32 or int8")
+    if setting == "int8" and device.type != "cpu":
+        raise ConfigError(
+            "model.precision int8 (dynamic quantisation) runs on CPU only; on GPU use bf16 or fp16"
+        )
+    return cast(Precision, setting)
+
+
+def configure_threads(cores: int | None) -> int:
+    """Match torch's intra-op threads to the cores this task owns, so N concurrent tasks on an
+    N-core executor do not each spawn N threads and thrash."""
+    n = cores or len(os.sched_getaffinity(0))
+    n = max(1, n)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
