@@ -27,6 +27,7 @@ from transforms.crashpoints import crash_point
 from transforms.embed_items import EmbedSpec
 from transforms.errors import QualityGateError, SourceError
 from transforms.models.spec import load_encoder
+from transforms.models.text_encoder import TextEncoder
 from transforms.spark import delta_io
 from transforms.spark.embed import OK, QUARANTINED, STATUS, make_embed_fn, stats_accumulator_param
 from transforms.spark.feast_write import online_sink, write_online
@@ -87,16 +88,12 @@ def _select_rows(
     version = source.version
 
     def snapshot() -> DataFrame:
-        return delta_io.read_snapshot(spark, cfg.source.uri, version).withColumn(
-            delta_io.OP, F.lit(delta_io.UPSERT)
-        )
+        return delta_io.read_snapshot(spark, cfg.source.uri, version).withColumn(delta_io.OP, F.lit(delta_io.UPSERT))
 
     if cfg.mode == "full":
         return snapshot(), None, True
     if cfg.mode == "incremental":
-        last = delta_lineage.last_processed_version(
-            cfg.target.uri, source.table_id, JOB, cfg.target.storage_options
-        )
+        last = delta_lineage.last_processed_version(cfg.target.uri, source.table_id, JOB, cfg.target.storage_options)
         if last is None:
             log.info("no earlier run recorded in the target: incremental starts with a full pass")
             return snapshot(), None, True
@@ -107,9 +104,7 @@ def _select_rows(
                 f"source table {cfg.source.uri} has no change data feed, so --mode incremental cannot "
                 "find changed rows: enable delta.enableChangeDataFeed on it or use --mode full"
             )
-        changes = delta_io.read_latest_changes(
-            spark, cfg.source.uri, start=last + 1, end=version, id_column=id_col
-        )
+        changes = delta_io.read_latest_changes(spark, cfg.source.uri, start=last + 1, end=version, id_column=id_col)
         return changes, None, False
     # stale: rows with no embedding from the current model (never embedded, or embedded by another)
     rows = snapshot()
@@ -144,15 +139,17 @@ def _partitions(cfg: BackfillConfig, spark: SparkSession, rows: int) -> int:
     return max(cores, min(cores * 8, -(-rows // 2048)))
 
 
-def run_backfill(cfg: BackfillConfig, spark: SparkSession, *, run_id: str | None = None) -> BackfillSummary:
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
-    from pyspark.sql.types import StructType
+@dataclass(frozen=True)
+class Preflight:
+    """What the driver established before any Spark work: the inputs are sound."""
 
-    t_start = time.perf_counter()
-    run_id = run_id or uuid.uuid4().hex[:12]
+    source: delta_lineage.TableInfo
+    encoder: TextEncoder
 
-    # 1. Pre-flight: everything that can be wrong with the inputs fails here, before any writes.
+
+def preflight(cfg: BackfillConfig) -> Preflight:
+    """Fail on everything that can be wrong with the inputs before a JVM starts or a byte is written:
+    missing or mistyped source, unwritable targets, a bad model file, an unreachable online store."""
     source = delta_lineage.describe_table(cfg.source.uri, cfg.source.storage_options)
     delta_lineage.check_columns(
         source, {cfg.source.id_column: ACCEPTED_ID_TYPES, cfg.source.text_column: ACCEPTED_TEXT_TYPES}
@@ -160,13 +157,26 @@ def run_backfill(cfg: BackfillConfig, spark: SparkSession, *, run_id: str | None
     delta_io.check_writable(cfg.target.uri)
     delta_io.check_writable(cfg.target.quarantine)
     encoder = load_encoder(cfg.model)
+    if cfg.feast is not None and cfg.feast.enabled:
+        online_sink(cfg.feast, cfg.target.uri, encoder.dim).apply()
+    return Preflight(source=source, encoder=encoder)
+
+
+def run_backfill(
+    cfg: BackfillConfig, spark: SparkSession, *, checked: Preflight | None = None, run_id: str | None = None
+) -> BackfillSummary:
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import StructType
+
+    t_start = time.perf_counter()
+    run_id = run_id or uuid.uuid4().hex[:12]
+
+    # 1. Pre-flight (done already by the CLI, before it started Spark).
+    checked = checked or preflight(cfg)
+    source, encoder = checked.source, checked.encoder
     dim = encoder.dim
     feast_on = cfg.feast is not None and cfg.feast.enabled
-    if feast_on:
-        assert cfg.feast is not None
-        online_sink(
-            cfg.feast, cfg.target.uri, dim
-        ).apply()  # an unreachable store fails now, not after inference
     summary = BackfillSummary(
         run_id=run_id,
         mode=cfg.mode,
@@ -193,17 +203,13 @@ def run_backfill(cfg: BackfillConfig, spark: SparkSession, *, run_id: str | None
     # 2. Already published to Delta by an earlier (possibly crashed) run: repair the online store only.
     done = delta_lineage.committed_txn_version(cfg.target.uri, app, cfg.target.storage_options)
     if done is not None and done >= source.version:
-        summary.skipped_reason = (
-            f"source version {source.version} already committed for model {encoder.version}"
-        )
+        summary.skipped_reason = f"source version {source.version} already committed for model {encoder.version}"
         if feast_on:
             assert cfg.feast is not None
             published = (
                 spark.read.format("delta")
                 .load(cfg.target.uri)
-                .filter(
-                    (F.col("model_version") == encoder.version) & (F.col("source_version") == source.version)
-                )
+                .filter((F.col("model_version") == encoder.version) & (F.col("source_version") == source.version))
             )
             summary.online_written = write_online(published, cfg.feast, cfg.target.uri, dim)
         summary.total_seconds = time.perf_counter() - t_start
@@ -217,9 +223,7 @@ def run_backfill(cfg: BackfillConfig, spark: SparkSession, *, run_id: str | None
     crash_point("after_read")
 
     id_col, text_col = cfg.source.id_column, cfg.source.text_column
-    deletes = rows.filter(F.col(delta_io.OP) == delta_io.DELETE).select(
-        F.col(id_col).cast("string").alias("item_id")
-    )
+    deletes = rows.filter(F.col(delta_io.OP) == delta_io.DELETE).select(F.col(id_col).cast("string").alias("item_id"))
     upserts = rows.filter(F.col(delta_io.OP) == delta_io.UPSERT)
     unique, dupes = _input_duplicates(upserts.select(id_col, text_col), id_col)
     n_in = upserts.count()
@@ -251,9 +255,7 @@ def run_backfill(cfg: BackfillConfig, spark: SparkSession, *, run_id: str | None
     )
     t_inf = time.perf_counter()
     with stage_progress(spark, "embedding", total_rows=n_in, enabled=cfg.spark.progress):
-        counts = {
-            (r[STATUS], r["stage"]): r["count"] for r in embedded.groupBy(STATUS, "stage").count().collect()
-        }
+        counts = {(r[STATUS], r["stage"]): r["count"] for r in embedded.groupBy(STATUS, "stage").count().collect()}
     summary.inference_seconds = time.perf_counter() - t_inf
     stats: dict[str, Any] = acc.value
     if stats.get("padded_tokens"):
@@ -327,9 +329,7 @@ def run_backfill(cfg: BackfillConfig, spark: SparkSession, *, run_id: str | None
             user_metadata=meta,
         )
         crash_point("after_delta_commit")
-        summary.target_version = delta_lineage.describe_table(
-            cfg.target.uri, cfg.target.storage_options
-        ).version
+        summary.target_version = delta_lineage.describe_table(cfg.target.uri, cfg.target.storage_options).version
         if feast_on and summary.rows_out:
             assert cfg.feast is not None
             summary.online_written = write_online(ok_rows, cfg.feast, cfg.target.uri, dim)

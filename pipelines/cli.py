@@ -18,8 +18,12 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 if __package__ in (None, ""):
-    # Run as a script (spark-submit pipelines/cli.py): make the package importable by name.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    # Run as a script (spark-submit pipelines/cli.py): the package comes from --py-files; fall
+    # back to the checkout this file sits in.
+    try:
+        import transforms  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transforms.errors import SluiceError
 
@@ -130,9 +134,7 @@ def backfill(
     master: Annotated[
         str | None, typer.Option("--master", help="Spark master (default local[*] outside spark-submit)")
     ] = None,
-    feast: Annotated[
-        bool | None, typer.Option("--feast/--no-feast", help="write the Feast online store")
-    ] = None,
+    feast: Annotated[bool | None, typer.Option("--feast/--no-feast", help="write the Feast online store")] = None,
     max_quarantine_fraction: Annotated[
         float | None, typer.Option("--max-quarantine-fraction", min=0.0, max=1.0)
     ] = None,
@@ -169,18 +171,17 @@ def backfill(
             cfg = cfg.model_copy(update={"feast": FeastConfig.model_validate(_default_feast(cfg.target.uri))})
         elif cfg.feast is not None and feast is False:
             cfg = cfg.model_copy(update={"feast": None})
-        from pipelines.backfill import run_backfill
+        from pipelines.backfill import preflight, run_backfill
         from pipelines.summary import as_json, render
         from transforms.spark.session import get_session
 
+        checked = preflight(cfg)
         spark = get_session(app_name=cfg.spark.app_name, master=cfg.spark.master, conf=cfg.spark.conf)
-        result = run_backfill(cfg, spark)
+        result = run_backfill(cfg, spark, checked=checked)
     except SluiceError as exc:
         _fail(exc)
     render(result)
-    logging.getLogger("sluice.backfill").info(
-        "backfill finished", extra={"summary": json.loads(as_json(result))}
-    )
+    logging.getLogger("sluice.backfill").info("backfill finished", extra={"summary": json.loads(as_json(result))})
     if summary_json:
         summary_json.write_text(as_json(result))
     if cfg.feast is not None and result.rows_out:
@@ -193,9 +194,7 @@ def lookup_item(
     target: Annotated[
         str, typer.Option("--target", help="the embeddings table the store was filled from")
     ] = "data/embeddings",
-    config: Annotated[
-        Path | None, typer.Option("--config", help="backfill YAML config with a feast section")
-    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="backfill YAML config with a feast section")] = None,
     full: Annotated[bool, typer.Option("--full", help="print whole vectors")] = False,
 ) -> None:
     """Print the vectors Feast serves for these items (as a serving client would read them)."""

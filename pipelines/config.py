@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from transforms.batching import BatchLimits
 from transforms.errors import ConfigError
@@ -20,6 +20,7 @@ from transforms.models.spec import ModelConfig
 from transforms.sinks.feast_online import FeastConfig
 
 ENV_PREFIX = "SLUICE__"
+_FREE_FORM_MAPS = {"conf", "storage_options", "model_kwargs"}
 BackfillMode = Literal["full", "incremental", "stale"]
 
 
@@ -27,16 +28,30 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _absolute_uri(uri: str) -> str:
+    """Local paths become absolute: Spark's ``delta.`path``` identifiers only accept absolute ones,
+    and executors may not share the driver's working directory."""
+    if "://" in uri:
+        return uri.rstrip("/")
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 class SourceConfig(_Strict):
-    uri: str = Field(..., description="Delta table of items: a path or an object-store URI")
+    uri: Annotated[str, AfterValidator(_absolute_uri)] = Field(
+        ..., description="Delta table of items: a path or an object-store URI"
+    )
     id_column: str = "item_id"
     text_column: str = "text"
     storage_options: dict[str, str] = Field(default_factory=dict)
 
 
 class TargetConfig(_Strict):
-    uri: str = Field(..., description="Delta table the embeddings are upserted into")
-    quarantine_uri: str | None = Field(None, description="defaults to <target>_quarantine")
+    uri: Annotated[str, AfterValidator(_absolute_uri)] = Field(
+        ..., description="Delta table the embeddings are upserted into"
+    )
+    quarantine_uri: Annotated[str, AfterValidator(_absolute_uri)] | None = Field(
+        None, description="defaults to <target>_quarantine"
+    )
     storage_options: dict[str, str] = Field(default_factory=dict)
 
     @property
@@ -62,9 +77,7 @@ class ValidationConfig(_Strict):
 class SparkConfig(_Strict):
     master: str | None = Field(None, description="local[*] when not under spark-submit")
     app_name: str = "sluice-backfill"
-    partitions: int | None = Field(
-        None, ge=1, description="inference tasks; default from row count and cores"
-    )
+    partitions: int | None = Field(None, ge=1, description="inference tasks; default from row count and cores")
     conf: dict[str, str] = Field(default_factory=dict)
     progress: bool = Field(True, description="rich progress bar on the driver")
 
@@ -73,11 +86,11 @@ class BackfillConfig(_Strict):
     source: SourceConfig
     target: TargetConfig
     mode: BackfillMode = "full"
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    batching: BatchingConfig = Field(default_factory=BatchingConfig)
-    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    model: ModelConfig = ModelConfig()
+    batching: BatchingConfig = BatchingConfig()
+    validation: ValidationConfig = ValidationConfig()
     feast: FeastConfig | None = None
-    spark: SparkConfig = Field(default_factory=SparkConfig)
+    spark: SparkConfig = SparkConfig()
 
     @model_validator(mode="after")
     def _distinct_tables(self) -> BackfillConfig:
@@ -98,18 +111,26 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
-    """``SLUICE__MODEL__PRECISION=int8`` -> ``{"model": {"precision": "int8"}}`` (values as YAML)."""
+    """``SLUICE__MODEL__PRECISION=int8`` -> ``{"model": {"precision": "int8"}}``.
+
+    Values stay strings (pydantic converts "64" or "true" where a field wants it), except YAML
+    flow collections (``{...}``/``[...]``). Segments name config fields and are lower-cased, but
+    not below free-form maps such as ``spark.conf`` whose keys are case-sensitive Spark settings.
+    """
     tree: dict[str, Any] = {}
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX):
             continue
-        path = [p.lower() for p in key.removeprefix(ENV_PREFIX).split("__") if p]
-        if not path:
+        parts = [p for p in key.removeprefix(ENV_PREFIX).split("__") if p]
+        if not parts:
             continue
+        path: list[str] = []
+        for part in parts:
+            path.append(part if path and path[-1] in _FREE_FORM_MAPS else part.lower())
         node = tree
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        node[path[-1]] = yaml.safe_load(raw) if raw else raw
+        node[path[-1]] = yaml.safe_load(raw) if raw.strip().startswith(("{", "[")) else raw
     return tree
 
 
@@ -138,6 +159,8 @@ def load_config(
             loaded = yaml.safe_load(p.read_text()) or {}
         except FileNotFoundError as exc:
             raise ConfigError(f"config file {p} not found") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {p} cannot be read: {exc}") from exc
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):

@@ -854,13 +854,10 @@ def write_items_table(
     except (DeltaError, OSError) as exc:
         raise SinkError(f"cannot write items table to {uri}: {_reason(exc)}") from exc
     if exists and mode == "error":
-        raise SinkError(
-            f"items table {uri} already exists; pass mode='overwrite' to replace it or choose a new path"
-        )
+        raise SinkError(f"items table {uri} already exists; pass mode='overwrite' to replace it or choose a new path")
     if not exists and local is not None and local.exists() and (not local.is_dir() or any(local.iterdir())):
         raise SinkError(
-            f"cannot write items table to {uri}: the path exists and is not a Delta table; "
-            "choose an empty or new path"
+            f"cannot write items table to {uri}: the path exists and is not a Delta table; choose an empty or new path"
         )
     try:
         if exists:
@@ -943,9 +940,7 @@ def mutate_items(
 
     n_update = round(n * update_fraction)
     if n_update + delete_rows > n:
-        raise ConfigError(
-            f"cannot update {n_update} and delete {delete_rows} rows of {uri}: it has only {n} rows"
-        )
+        raise ConfigError(f"cannot update {n_update} and delete {delete_rows} rows of {uri}: it has only {n} rows")
     rng = np.random.default_rng(np.random.SeedSequence([seed, _MUTATION_SALT]))
     perm = rng.permutation(n)
     upd_pos = np.sort(perm[:n_update])
@@ -960,9 +955,7 @@ def mutate_items(
 
     # New texts keep each updated item's category (an edited listing stays in its section).
     cat_lookup = {slug: i for i, slug in enumerate(CATEGORIES)}
-    upd_cat = np.array(
-        [cat_lookup.get(cats[p], p % len(CATEGORIES)) for p in upd_pos.tolist()], dtype=np.int64
-    )
+    upd_cat = np.array([cat_lookup.get(cats[p], p % len(CATEGORIES)) for p in upd_pos.tolist()], dtype=np.int64)
     upd_targets = np.clip(
         np.rint(rng.lognormal(math.log(_LEN_MEDIAN), _LEN_SIGMA, n_update)), _LEN_MIN, _LEN_MAX
     ).astype(np.int64)
@@ -978,13 +971,9 @@ def mutate_items(
     source = pa.table(
         {
             "item_id": pa.array(upd_ids + ins_ids + del_ids, pa.string()),
-            "text": pa.array(
-                upd_texts + inserted.column("text").to_pylist() + [None] * len(del_ids), pa.string()
-            ),
+            "text": pa.array(upd_texts + inserted.column("text").to_pylist() + [None] * len(del_ids), pa.string()),
             "category": pa.array(
-                [cats[p] for p in upd_pos.tolist()]
-                + inserted.column("category").to_pylist()
-                + [None] * len(del_ids),
+                [cats[p] for p in upd_pos.tolist()] + inserted.column("category").to_pylist() + [None] * len(del_ids),
                 pa.string(),
             ),
             "updated_at": pa.concat_arrays([pa.array(new_ts, ts_type), pa.nulls(len(del_ids), ts_type)]),
@@ -994,9 +983,7 @@ def mutate_items(
     try:
         (
             dt.merge(source, "t.item_id = s.item_id", source_alias="s", target_alias="t")
-            .when_matched_update(
-                {"text": "s.text", "updated_at": "s.updated_at"}, predicate="s._op = 'update'"
-            )
+            .when_matched_update({"text": "s.text", "updated_at": "s.updated_at"}, predicate="s._op = 'update'")
             .when_matched_delete(predicate="s._op = 'delete'")
             .when_not_matched_insert(
                 {c: f"s.{c}" for c in ("item_id", "text", "category", "updated_at")},

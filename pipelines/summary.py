@@ -35,9 +35,7 @@ def render(summary: BackfillSummary, console: Console | None = None) -> None:
     if s.skipped_reason:
         table.add_row("delta", f"nothing to do: {s.skipped_reason}")
     table.add_row("rows in", f"{s.rows_in:,}")
-    table.add_row(
-        "rows out", f"{s.rows_out:,}" + (f"  (+{s.rows_deleted:,} deleted)" if s.rows_deleted else "")
-    )
+    table.add_row("rows out", f"{s.rows_out:,}" + (f"  (+{s.rows_deleted:,} deleted)" if s.rows_deleted else ""))
     q = ", ".join(f"{k}: {v:,}" for k, v in sorted(s.quarantined.items())) or "none"
     table.add_row("quarantined", f"{s.rows_quarantined:,}  ({q})")
     if s.inference_seconds:

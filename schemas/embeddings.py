@@ -39,8 +39,7 @@ def embeddings_storage_schema(dim: int) -> pa.Schema:
     """The Delta/Spark view: the same columns with the vector as a variable-length list."""
     core = embeddings_schema(dim)
     fields = [
-        pa.field(f.name, pa.list_(pa.float32()), nullable=f.nullable) if f.name == VECTOR_COLUMN else f
-        for f in core
+        pa.field(f.name, pa.list_(pa.float32()), nullable=f.nullable) if f.name == VECTOR_COLUMN else f for f in core
     ]
     return pa.schema(fields, metadata=core.metadata)
 

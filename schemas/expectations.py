@@ -90,9 +90,7 @@ def embedding_expectations(dim: int, norm_tolerance: float = DEFAULT_NORM_TOLERA
     """
     if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
         raise ValueError(f"dim must be a positive integer, got {dim!r}")
-    if not (isinstance(norm_tolerance, int | float) and math.isfinite(norm_tolerance)) or not (
-        0 < norm_tolerance < 1
-    ):
+    if not (isinstance(norm_tolerance, int | float) and math.isfinite(norm_tolerance)) or not (0 < norm_tolerance < 1):
         raise ValueError(f"norm_tolerance must be a number in (0, 1), got {norm_tolerance!r}")
     tol = float(norm_tolerance)
     specs = (

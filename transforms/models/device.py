@@ -44,9 +44,7 @@ def resolve_precision(setting: str, device: torch.device) -> Precision:
     if setting in ("bf16", "fp16") and device.type != "cuda":
         raise ConfigError(f"model.precision {setting} needs a GPU; on CPU use fp32 or int8")
     if setting == "int8" and device.type != "cpu":
-        raise ConfigError(
-            "model.precision int8 (dynamic quantisation) runs on CPU only; on GPU use bf16 or fp16"
-        )
+        raise ConfigError("model.precision int8 (dynamic quantisation) runs on CPU only; on GPU use bf16 or fp16")
     return cast(Precision, setting)
 
 

@@ -31,18 +31,14 @@ class ModelConfig(BaseModel):
     tokenizer: str | None = Field(None, description="tokenizer.json (required for TorchScript/safetensors)")
     model_class: str | None = Field(None, description="'package.module:Class' for a .safetensors artifact")
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    sha256: str | None = Field(
-        None, description="expected model_version; loading fails if the artifact differs"
-    )
+    sha256: str | None = Field(None, description="expected model_version; loading fails if the artifact differs")
     precision: PrecisionSetting = "auto"
     device: DeviceSetting = "auto"
     max_seq_length: int | None = Field(None, ge=1, le=8192)
     compile: bool = Field(False, description="torch.compile the model (GPU only)")
 
 
-def load_encoder(
-    cfg: ModelConfig, *, gpu_address: str | None = None, cores: int | None = None
-) -> TextEncoder:
+def load_encoder(cfg: ModelConfig, *, gpu_address: str | None = None, cores: int | None = None) -> TextEncoder:
     """The process-wide encoder for ``cfg``: loaded on first use, reused afterwards."""
     configure_threads(cores)
     device = resolve_device(cfg.device, gpu_address=gpu_address)

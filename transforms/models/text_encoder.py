@@ -111,6 +111,7 @@ def _hf_directory(
     root = artifact.path
     config = _read_json(root / "config.json")
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModel.from_pretrained(str(root), local_files_only=True, use_safetensors=True)
     except Exception as exc:
@@ -162,12 +163,14 @@ def _safetensors_with_class(
         state = load_file(str(artifact.path))
     except (SafetensorError, OSError) as exc:
         raise ModelLoadError(f"safetensors file {artifact.path} is corrupt or truncated: {exc}") from exc
-    module: torch.nn.Module = cls(**model_kwargs)
+    try:
+        module: torch.nn.Module = cls(**model_kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"model.model_kwargs do not fit {model_class}: {exc}") from exc
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise ModelLoadError(f"weights in {artifact.path} do not fit {model_class}: {first}") from exc
+        raise ModelLoadError(f"weights in {artifact.path} do not fit {model_class}: {exc}") from exc
     return module
 
 
@@ -220,6 +223,11 @@ def load_text_encoder(
     tok, pad_id = _load_tokenizer(tok_path, seq)
 
     module.eval()
+    if prec == "int8" and isinstance(module, torch.jit.ScriptModule):
+        raise ConfigError(
+            f"model.precision int8 cannot quantise the TorchScript file {artifact.path}: "
+            "export it already quantised, or use fp32"
+        )
     if prec == "int8":
         # Dynamic quantisation: int8 weights for Linear layers, activations quantised per batch.
         # Per-channel weight scales: per-tensor ones cost MiniLM ~0.1 of cosine to fp32.

@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from schemas.embeddings import KEY_COLUMN, VECTOR_COLUMN
 from transforms.errors import SinkError
@@ -90,6 +90,13 @@ OnlineStoreConfig = Annotated[
 ]
 
 
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_]*$"
+
+
+def _default_online_store(registry: str) -> SqliteOnlineStoreConfig:
+    return SqliteOnlineStoreConfig(path=_sibling_path(registry, _ONLINE_DB_NAME))
+
+
 class FeastConfig(BaseModel):
     """Where the embeddings go online. The defaults match ``infra/feast`` run from the repo root.
 
@@ -102,20 +109,13 @@ class FeastConfig(BaseModel):
     #: Read by the job's wiring (no sink is built when off); the sink itself ignores it.
     enabled: bool = True
     # Feast's own rule, minus hyphens: SQLite table names are ``<project>_<feature view>``.
-    project: str = Field("sluice", pattern=r"^[A-Za-z0-9][A-Za-z0-9_]*$")
+    project: str = Field(default="sluice", pattern=_NAME_PATTERN)
     registry: str = _DEFAULT_REGISTRY
-    online_store: OnlineStoreConfig
-    entity: str = Field("item", pattern=r"^[A-Za-z0-9][A-Za-z0-9_]*$")
-    feature_view: str = Field("item_embeddings", pattern=r"^[A-Za-z0-9][A-Za-z0-9_]*$")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_online_store(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("online_store") is None:
-            registry = str(data.get("registry", _DEFAULT_REGISTRY))
-            online = _sibling_path(registry, _ONLINE_DB_NAME)
-            data = {**data, "online_store": {"type": "sqlite", "path": online}}
-        return data
+    online_store: OnlineStoreConfig = Field(
+        default_factory=lambda data: _default_online_store(data.get("registry", _DEFAULT_REGISTRY))
+    )
+    entity: str = Field(default="item", pattern=_NAME_PATTERN)
+    feature_view: str = Field(default="item_embeddings", pattern=_NAME_PATTERN)
 
     @classmethod
     def local(cls, data_dir: str | Path, **overrides: Any) -> FeastConfig:

@@ -42,9 +42,7 @@ def check_writable(uri: str) -> None:
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise SinkError(
-            f"target {uri} is not writable ({probe} is not a writable directory): choose another path"
-        )
+        raise SinkError(f"target {uri} is not writable ({probe} is not a writable directory): choose another path")
 
 
 def read_snapshot(spark: SparkSession, uri: str, version: int) -> DataFrame:
@@ -110,9 +108,7 @@ def ensure_embeddings_table(spark: SparkSession, uri: str, dim: int) -> None:
         )
         props = {r["key"]: r["value"] for r in spark.sql(f"SHOW TBLPROPERTIES {_quoted(uri)}").collect()}
     except PySparkException as exc:
-        raise SinkError(
-            f"target {uri} cannot be created or read as Delta: {str(exc).splitlines()[0]}"
-        ) from exc
+        raise SinkError(f"target {uri} cannot be created or read as Delta: {str(exc).splitlines()[0]}") from exc
     existing_dim = props.get("sluice.dim")
     if existing_dim is not None and existing_dim != str(dim):
         raise SinkError(
@@ -138,9 +134,10 @@ def merge_embeddings(
     so the target mirrors the source snapshot.
     """
     from delta.tables import DeltaTable
+    from pyspark.sql import Column
 
     cols = ["item_id", VECTOR_COLUMN, "model_name", "model_version", "source_version", "processed_at"]
-    values = {c: f"s.{c}" for c in cols}
+    values: dict[str, str | Column] = {c: f"s.{c}" for c in cols}
     target = DeltaTable.forPath(spark, uri)
     merge = (
         target.alias("t")

@@ -26,9 +26,7 @@ if TYPE_CHECKING:
 STATUS = "_status"
 OK = "ok"
 QUARANTINED = "quarantined"
-_QUARANTINE_ONLY = [
-    f for f in QUARANTINE_SCHEMA if f.name not in ("item_id", "model_version", "source_version")
-]
+_QUARANTINE_ONLY = [f for f in QUARANTINE_SCHEMA if f.name not in ("item_id", "model_version", "source_version")]
 
 
 def combined_schema(dim: int) -> pa.Schema:
@@ -39,9 +37,7 @@ def combined_schema(dim: int) -> pa.Schema:
     return pa.schema(fields)
 
 
-def _to_combined(
-    outcome_output: pa.RecordBatch, quarantine: pa.RecordBatch, schema: pa.Schema
-) -> pa.RecordBatch:
+def _to_combined(outcome_output: pa.RecordBatch, quarantine: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
     n_ok, n_q = outcome_output.num_rows, quarantine.num_rows
     columns = []
     for f in schema:
@@ -54,9 +50,7 @@ def _to_combined(
             else pa.nulls(n_ok, f.type)
         )
         q_col = (
-            pc.cast(quarantine.column(f.name), f.type)
-            if f.name in quarantine.schema.names
-            else pa.nulls(n_q, f.type)
+            pc.cast(quarantine.column(f.name), f.type) if f.name in quarantine.schema.names else pa.nulls(n_q, f.type)
         )
         columns.append(pa.concat_arrays([ok_col, q_col]))
     return pa.RecordBatch.from_arrays(columns, schema=schema)

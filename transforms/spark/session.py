@@ -60,9 +60,7 @@ def find_delta_jars() -> list[str]:
         jars = sorted(glob.glob(str(cache / f"jars-{key}" / "*.jar")))
         if jars:
             return jars
-    raise ConfigError(
-        f"Delta jars for Spark not found: run `make install` (or infra/bootstrap.sh), or set {JARS_ENV}"
-    )
+    raise ConfigError(f"Delta jars for Spark not found: run `make install` (or infra/bootstrap.sh), or set {JARS_ENV}")
 
 
 def get_session(
@@ -85,6 +83,8 @@ def get_session(
         builder = builder.master(master or "local[*]")
         for k, v in _LOCAL_CONF.items():
             builder = builder.config(k, v)
+        log4j = Path(__file__).with_name("log4j2.properties")
+        builder = builder.config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile=file:{log4j}")
         builder = builder.config("spark.jars", ",".join(find_delta_jars()))
         # Local workers must run the driver's interpreter (the venv with torch), not `python3`.
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)

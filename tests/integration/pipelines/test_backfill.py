@@ -64,9 +64,7 @@ def test_full_run_accounts_for_every_row_and_publishes_to_delta_and_feast(spark,
     vectors = np.array(out.column("embedding").to_pylist(), dtype=np.float32)
     assert vectors.shape == (out.num_rows, 384)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
-    assert set(out.column("model_version").to_pylist()) == {
-        resolve_artifact("builtin:all-MiniLM-L6-v2").version
-    }
+    assert set(out.column("model_version").to_pylist()) == {resolve_artifact("builtin:all-MiniLM-L6-v2").version}
     assert set(out.column("source_version").to_pylist()) == {0}
 
     q = DeltaTable(cfg.target.quarantine).to_pyarrow_table()
@@ -194,3 +192,17 @@ def test_bad_inputs_fail_before_writing(spark, tmp_path, items) -> None:
     with pytest.raises(SinkError, match="not writable"):
         run_backfill(_cfg(tmp_path, target={"uri": str(blocker / "embeddings")}), spark)
     assert not DeltaTable.is_deltatable(str(tmp_path / "embeddings"))
+
+
+def test_redis_profile_serves_the_same_vectors_as_delta(spark, tmp_path, items, redis_server) -> None:
+    feast = FeastConfig.local(tmp_path, online_store={"type": "redis", "connection_string": redis_server})
+    cfg = _cfg(tmp_path, feast=feast.model_dump())
+    s = run_backfill(cfg, spark)
+    assert s.online_written == s.rows_out
+    out = _target(tmp_path)
+    sink = FeastOnlineSink(feast, embeddings_table_uri=cfg.target.uri, dim=384)
+    ids = out.column("item_id").to_pylist()
+    online = sink.lookup(ids)
+    expected = np.array(out.column("embedding").to_pylist(), dtype=np.float32)
+    got = np.array([row["embedding"] for row in online if row is not None], dtype=np.float32)
+    np.testing.assert_array_equal(got, expected)

@@ -26,9 +26,7 @@ def _read(uri: str) -> pa.Table:
 def _changes_by_kind(uri: str, version: int) -> dict[str, set[str]]:
     cdf = pa.table(DeltaTable(uri).load_cdf(starting_version=version, ending_version=version))
     kinds: dict[str, set[str]] = defaultdict(set)
-    for item_id, kind in zip(
-        cdf.column("item_id").to_pylist(), cdf.column("_change_type").to_pylist(), strict=True
-    ):
+    for item_id, kind in zip(cdf.column("item_id").to_pylist(), cdf.column("_change_type").to_pylist(), strict=True):
         kinds[kind].add(item_id)
     return dict(kinds)
 

@@ -104,9 +104,7 @@ def oracle(rows: list[dict[str, Any]], dim: int = DIM, tol: float = TOL) -> list
     return verdicts
 
 
-def assert_matches_oracle(
-    outcome: ValidationOutcome, batch: pa.RecordBatch, rows: list[dict[str, Any]]
-) -> None:
+def assert_matches_oracle(outcome: ValidationOutcome, batch: pa.RecordBatch, rows: list[dict[str, Any]]) -> None:
     expected = oracle(rows)
     assert outcome.valid.num_rows + outcome.rejected.num_rows == batch.num_rows
     assert outcome.valid.schema == batch.schema
@@ -174,9 +172,7 @@ def test_all_copies_of_a_duplicate_id_are_rejected(validator: EmbeddingValidator
     rows[2]["item_id"] = rows[3]["item_id"] = None  # several nulls are not duplicates of each other
     outcome = validator.validate(to_batch(rows))
     rejected = outcome.rejected.to_pylist()
-    assert [r[CHECK_COLUMN] for r in rejected] == ["id_unique", "id_not_null", "id_not_null"] + [
-        "id_unique"
-    ] * 2
+    assert [r[CHECK_COLUMN] for r in rejected] == ["id_unique", "id_not_null", "id_not_null"] + ["id_unique"] * 2
     assert rejected[0][REASON_COLUMN] == "item_id 'dup' occurs 3 times in this batch"
     assert outcome.counts["id_unique"] == 3 and outcome.counts["id_not_null"] == 2
     assert outcome.valid.column("item_id").to_pylist() == ["item-0"]
@@ -277,9 +273,7 @@ def test_pass_through_columns_are_preserved(validator: EmbeddingValidator) -> No
     rows[3]["embedding"] = None
     batch = to_batch(rows)
     outcome = validator.validate(batch)
-    for kept, source in zip(
-        outcome.valid.to_pylist(), [r for i, r in enumerate(rows) if i != 3], strict=True
-    ):
+    for kept, source in zip(outcome.valid.to_pylist(), [r for i, r in enumerate(rows) if i != 3], strict=True):
         assert {k: kept[k] for k in ("item_id", "model_name", "source_version", "payload")} == {
             k: source[k] for k in ("item_id", "model_name", "source_version", "payload")
         }

@@ -30,9 +30,6 @@ from transforms.sinks.feast_online import (
     _float_list_prefix,
 )
 
-# TEMPORARY until tests/conftest.py registers it for the whole suite; remove this line then.
-pytest_plugins = ["tests.fixtures.redis_server"]
-
 DIM = 16
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
