@@ -119,15 +119,19 @@ def _select_rows(
     return rows, None, False
 
 
-def _input_duplicates(rows: DataFrame, id_col: str) -> tuple[DataFrame, DataFrame]:
-    """Split rows whose id appears more than once (all copies quarantined) from the rest."""
+def _input_duplicates(rows: DataFrame, id_col: str) -> tuple[DataFrame, DataFrame, DataFrame]:
+    """(all rows with their copy count, rows to embed, rows whose id appears more than once).
+
+    The counted frame is persisted by the caller: the row count, the duplicate count and the
+    inference all read it, and none of them should re-read the source or redo the shuffle.
+    """
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     counted = rows.withColumn("_copies", F.count(F.lit(1)).over(Window.partitionBy(id_col)))
     unique = counted.filter((F.col("_copies") == 1) | F.col(id_col).isNull()).drop("_copies")
     dupes = counted.filter((F.col("_copies") > 1) & F.col(id_col).isNotNull())
-    return unique, dupes
+    return counted, unique, dupes
 
 
 def _partitions(cfg: BackfillConfig, spark: SparkSession, rows: int) -> int:
@@ -136,7 +140,8 @@ def _partitions(cfg: BackfillConfig, spark: SparkSession, rows: int) -> int:
     cores = spark.sparkContext.defaultParallelism
     # Enough tasks to balance heavy-tailed texts across cores and show progress, large enough
     # (~2k rows) that length bucketing inside each task still has texts of similar length to group.
-    return max(cores, min(cores * 8, -(-rows // 2048)))
+    tasks = max(cores, min(cores * 8, -(-rows // 2048)))
+    return -(-tasks // cores) * cores  # whole waves: no last wave with idle cores
 
 
 @dataclass(frozen=True)
@@ -225,8 +230,9 @@ def run_backfill(
     id_col, text_col = cfg.source.id_column, cfg.source.text_column
     deletes = rows.filter(F.col(delta_io.OP) == delta_io.DELETE).select(F.col(id_col).cast("string").alias("item_id"))
     upserts = rows.filter(F.col(delta_io.OP) == delta_io.UPSERT)
-    unique, dupes = _input_duplicates(upserts.select(id_col, text_col), id_col)
-    n_in = upserts.count()
+    counted, unique, dupes = _input_duplicates(upserts.select(id_col, text_col), id_col)
+    counted.persist(StorageLevel.MEMORY_AND_DISK)
+    n_in = counted.count()
     n_deleted = deletes.count()
     summary.rows_in, summary.rows_deleted = n_in, n_deleted
 
@@ -336,5 +342,6 @@ def run_backfill(
         crash_point("after_online_write")
     finally:
         embedded.unpersist()
+        counted.unpersist()
     summary.total_seconds = time.perf_counter() - t_start
     return summary
