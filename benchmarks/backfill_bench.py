@@ -71,6 +71,18 @@ TARGETS = {
 }
 
 
+def calibration_sample(items: Any, n: int = 256) -> tuple[str, ...]:
+    """The backfill's int8 calibration rule without Spark: texts of the ids with the smallest hashes."""
+    import hashlib
+
+    pairs = [
+        (hashlib.sha256(i.encode()).digest(), t)
+        for i, t in zip(items.column("item_id").to_pylist(), items.column("text").to_pylist(), strict=True)
+        if t and t.strip()
+    ]
+    return tuple(t for _, t in sorted(pairs)[:n])
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {msg}", flush=True)
 
@@ -929,7 +941,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device != "cpu":
         r["d"] = {"skipped": "int8 dynamic quantisation is CPU-only"}
     elif "d" not in skip:
-        enc8 = load_encoder(ModelConfig(precision="int8", device="cpu"))
+        # Calibrated like the backfill does it: a fixed in-domain sample of the same table.
+        enc8 = load_encoder(ModelConfig(precision="int8", device="cpu", calibration_texts=calibration_sample(good)))
         b8 = build_batches(enc8, tok.ids, plan)
         d = tight_loop(enc8, b8, n)
         emb8 = d.pop("_emb")

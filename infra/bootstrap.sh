@@ -40,7 +40,8 @@ if [ ! -f "$venv/.complete" ]; then
 fi
 # The project itself, editable, so the `sluice` command runs this clone's code. Cheap when unchanged.
 if [ "$(cat "$venv/.sluice-src" 2>/dev/null)" != "$root" ]; then
-  "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation --config-settings editable_mode=compat -e "$root" >&2
+  "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation --config-settings editable_mode=compat -e "$root" \
+    >"$cache/editable-install.log" 2>&1 || die "pip install -e $root failed: see $cache/editable-install.log"
   echo "$root" > "$venv/.sluice-src"
 fi
 

@@ -134,6 +134,26 @@ def _input_duplicates(rows: DataFrame, id_col: str) -> tuple[DataFrame, DataFram
     return counted, unique, dupes
 
 
+CALIBRATION_ROWS = 256
+
+
+def _calibration_sample(spark: SparkSession, cfg: BackfillConfig, source: delta_lineage.TableInfo) -> tuple[str, ...]:
+    """A fixed in-domain sample for int8 smoothing: the texts of the ids with the smallest hashes
+    in the source snapshot, so every worker, and every later run over a similar table, smooths alike."""
+    from pyspark.sql import functions as F
+
+    text = F.col(cfg.source.text_column)
+    rows = (
+        delta_io.read_snapshot(spark, cfg.source.uri, source.version)
+        .filter(text.isNotNull() & (F.length(F.trim(text)) > 0))
+        .orderBy(F.xxhash64(F.col(cfg.source.id_column).cast("string")))
+        .select(text)
+        .limit(CALIBRATION_ROWS)
+        .collect()
+    )
+    return tuple(r[0] for r in rows)
+
+
 def _partitions(cfg: BackfillConfig, spark: SparkSession, rows: int) -> int:
     if cfg.spark.partitions:
         return cfg.spark.partitions
@@ -237,8 +257,11 @@ def run_backfill(
     summary.rows_in, summary.rows_deleted = n_in, n_deleted
 
     # 3. Inference, once: persisted, then split.
+    model_cfg = cfg.model
+    if model_cfg.precision == "int8" and not model_cfg.calibration_texts:
+        model_cfg = model_cfg.model_copy(update={"calibration_texts": _calibration_sample(spark, cfg, source)})
     spec = EmbedSpec(
-        model=cfg.model,
+        model=model_cfg,
         source_version=source.version,
         run_id=run_id,
         limits=cfg.batching.limits(),

@@ -36,6 +36,11 @@ class ModelConfig(BaseModel):
     device: DeviceSetting = "auto"
     max_seq_length: int | None = Field(None, ge=1, le=8192)
     compile: bool = Field(False, description="torch.compile the model (GPU only)")
+    calibration_texts: tuple[str, ...] = Field(
+        (),
+        description="int8 only: in-domain texts for activation smoothing; the backfill fills this with a "
+        "fixed sample of its source when left empty",
+    )
 
 
 def load_encoder(cfg: ModelConfig, *, gpu_address: str | None = None, cores: int | None = None) -> TextEncoder:
@@ -54,6 +59,7 @@ def load_encoder(cfg: ModelConfig, *, gpu_address: str | None = None, cores: int
             precision=cfg.precision,
             device=device,
             compile_model=cfg.compile,
+            calibration_texts=cfg.calibration_texts,
         )
 
     return shared((cfg.model_dump_json(), str(device)), load)
