@@ -159,8 +159,8 @@ def _partitions(cfg: BackfillConfig, spark: SparkSession, rows: int) -> int:
         return cfg.spark.partitions
     cores = spark.sparkContext.defaultParallelism
     # Enough tasks to balance heavy-tailed texts across cores and show progress, large enough
-    # (~2k rows) that length bucketing inside each task still has texts of similar length to group.
-    tasks = max(cores, min(cores * 8, -(-rows // 2048)))
+    # (~1k rows) that length bucketing inside each task still has texts of similar length to group.
+    tasks = max(2 * cores, min(cores * 16, -(-rows // 1024)))
     return -(-tasks // cores) * cores  # whole waves: no last wave with idle cores
 
 

@@ -137,6 +137,17 @@ class _GxRuntime:
         return built
 
 
+def prewarm() -> threading.Thread:
+    """Start importing GX and building its context in the background.
+
+    The import costs seconds per worker process; an engine calls this when a worker starts, so
+    it overlaps the first batch's tokenisation and model call instead of following them.
+    """
+    thread = threading.Thread(target=_GxRuntime.get, name="sluice-gx-prewarm", daemon=True)
+    thread.start()
+    return thread
+
+
 def _import_gx() -> Any:
     """Import GX, turning its silent exit under ``python -c`` into an error.
 

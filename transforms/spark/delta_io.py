@@ -94,11 +94,25 @@ def session_txn(spark: SparkSession, app_id: str, version: int, user_metadata: s
             spark.conf.unset(key)
 
 
+def _table_ready(uri: str, dim: int, constraint: str) -> bool:
+    from deltalake import DeltaTable
+
+    try:
+        if not DeltaTable.is_deltatable(uri):
+            return False
+        conf = DeltaTable(uri).metadata().configuration
+    except Exception:  # unreadable here (e.g. object store credentials only Spark has): ask Spark
+        return False
+    return conf.get("sluice.dim") == str(dim) and f"delta.constraints.{constraint}" in conf
+
+
 def ensure_embeddings_table(spark: SparkSession, uri: str, dim: int) -> None:
     """Create the target if needed, with the vector length pinned by a CHECK constraint."""
     from pyspark.errors import PySparkException
 
     name, expr = dimension_constraint(dim)
+    if _table_ready(uri, dim, name):
+        return  # the common case on every run after the first: no Spark SQL round trips
     try:
         spark.sql(
             f"CREATE TABLE IF NOT EXISTS {_quoted(uri)} ("

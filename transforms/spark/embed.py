@@ -74,6 +74,9 @@ def make_embed_fn(
     schema = combined_schema(dim)
 
     def embed_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from transforms import validation
+
+        validation.prewarm()  # a no-op thread once the worker's GX context exists
         gpu, cores = task_resources()
         total = EncodeStats()
         for i, batch in enumerate(batches):
