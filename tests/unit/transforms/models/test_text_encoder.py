@@ -23,6 +23,7 @@ from transforms.inference import encode_texts
 from transforms.models import cache
 from transforms.models.artifact import resolve_artifact
 from transforms.models.device import configure_threads, resolve_device, resolve_precision
+from transforms.models.smoothing import SmoothedLinear
 from transforms.models.spec import ModelConfig, load_encoder
 from transforms.models.text_encoder import load_text_encoder
 
@@ -261,8 +262,11 @@ def test_safetensors_int8_quantises_linear_layers(safetensors_path: Path) -> Non
     fp32 = load_text_encoder(art, precision="fp32", **kwargs)
     int8 = load_text_encoder(art, precision="int8", **kwargs)
     assert int8.precision == "int8"
-    assert isinstance(int8.module.proj, torch.ao.nn.quantized.dynamic.Linear)  # type: ignore[union-attr]
-    assert not isinstance(fp32.module.proj, torch.ao.nn.quantized.dynamic.Linear)  # type: ignore[union-attr]
+    # int8 smooths each Linear's input (SmoothedLinear) and then quantises the wrapped Linear.
+    proj = int8.module.proj  # type: ignore[union-attr]
+    assert isinstance(proj, SmoothedLinear)
+    assert isinstance(proj.linear, torch.ao.nn.quantized.dynamic.Linear)
+    assert not isinstance(fp32.module.proj, (SmoothedLinear, torch.ao.nn.quantized.dynamic.Linear))  # type: ignore[union-attr]
     texts = ["quantised or not", "the same direction"]
     a = encode_texts(fp32, texts, limits=BatchLimits()).embeddings
     b = encode_texts(int8, texts, limits=BatchLimits()).embeddings
