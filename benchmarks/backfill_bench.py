@@ -901,7 +901,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     tok = tokenize(enc, texts)
     tok_secs = time.perf_counter() - t0
-    limits = BatchLimits()
+    limits = BatchLimits().for_device(enc.device.type)
     plan = plan_batches(tok.lengths, limits)
     naive128 = [np.arange(i, min(i + limits.max_rows, n)) for i in range(0, n, limits.max_rows)]
     naive100 = [np.arange(i, min(i + PREDICT_BATCH_SIZE, n)) for i in range(0, n, PREDICT_BATCH_SIZE)]
@@ -916,7 +916,11 @@ def main(argv: list[str] | None = None) -> int:
         "mean_tokens_per_row": float(tok.lengths.mean()),
         "p99_tokens_per_row": float(np.percentile(tok.lengths, 99)),
         "max_seq_length": enc.max_seq_length,
-        "limits": {"max_rows": limits.max_rows, "max_tokens": limits.max_tokens},
+        "limits": {
+            "max_rows": limits.max_rows,
+            "max_tokens": limits.max_tokens,
+            "call_overhead_tokens": limits.call_overhead_tokens,
+        },
         "tokenize_seconds_all_rows": tok_secs,
     }
     batches = build_batches(enc, tok.ids, plan)

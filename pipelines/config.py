@@ -62,9 +62,17 @@ class TargetConfig(_Strict):
 class BatchingConfig(_Strict):
     max_rows: int = Field(128, ge=1, description="rows per model call")
     max_tokens: int = Field(8192, ge=16, description="rows x padded length per model call")
+    call_overhead_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="padding (in tokens) worth one extra model call when cutting batches; "
+        "default 256 on CPU, 4096 on CUDA",
+    )
 
     def limits(self) -> BatchLimits:
-        return BatchLimits(max_rows=self.max_rows, max_tokens=self.max_tokens)
+        return BatchLimits(
+            max_rows=self.max_rows, max_tokens=self.max_tokens, call_overhead_tokens=self.call_overhead_tokens
+        )
 
 
 class ValidationConfig(_Strict):

@@ -204,7 +204,7 @@ def encode_texts(encoder: TextEncoder, texts: Sequence[str], *, limits: BatchLim
     t0 = time.perf_counter()
     tokens = tokenize(encoder, texts)
     tok_seconds = time.perf_counter() - t0
-    runner = _Runner(encoder, tokens, limits)
+    runner = _Runner(encoder, tokens, limits.for_device(encoder.device.type))
     runner.run()
     runner.stats.tokenize_seconds = tok_seconds
     return EncodeResult(embeddings=runner.out, failed=runner.failed, stats=runner.stats)

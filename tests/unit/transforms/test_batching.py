@@ -3,6 +3,8 @@ and against a naive fixed-size plan, not against the implementation's arithmetic
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -131,3 +133,94 @@ def test_empty_input() -> None:
 def test_invalid_limits_raise(rows: int, tokens: int) -> None:
     with pytest.raises(ValueError, match="batch limits must be positive"):
         BatchLimits(max_rows=rows, max_tokens=tokens)
+
+
+def plan_cost(lengths: np.ndarray, batches: list[np.ndarray], overhead: int) -> int:
+    return sum(len(b) * max(int(lengths[b].max()), 1) + overhead for b in batches)
+
+
+def brute_force_cost(sorted_desc: list[int], limits: BatchLimits) -> int:
+    """Cheapest cut of the longest-first rows into contiguous batches, by trying every cut."""
+    n = len(sorted_desc)
+    best = None
+    for mask in range(1 << max(n - 1, 0)):
+        cuts = [0] + [i + 1 for i in range(n - 1) if mask >> i & 1] + [n]
+        total, ok = 0, True
+        for a, b in itertools.pairwise(cuts):
+            width = max(sorted_desc[a], 1)
+            rows = b - a
+            if rows > limits.max_rows or (rows > 1 and rows * width > limits.max_tokens):
+                ok = False
+                break
+            total += rows * width + (limits.call_overhead_tokens or 0)
+        if ok and (best is None or total < best):
+            best = total
+    assert best is not None
+    return best
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_plan_is_the_cheapest_cut(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 11))
+    lengths = rng.integers(1, 60, size=n)
+    limits = BatchLimits(
+        max_rows=int(rng.integers(1, 6)),
+        max_tokens=int(rng.integers(40, 200)),
+        call_overhead_tokens=int(rng.integers(0, 80)),
+    )
+    batches = plan_batches(lengths, limits)
+    assert_partition(batches, n)
+    expected = brute_force_cost(sorted(lengths.tolist(), reverse=True), limits)
+    assert plan_cost(lengths, batches, limits.call_overhead_tokens or 0) == expected
+
+
+def test_batch_closes_early_where_length_steps_up() -> None:
+    # 64 long rows then 64 short ones fit one 128-row batch, which would pad the short ones 10x.
+    lengths = np.array([100] * 64 + [10] * 64)
+    batches = plan_batches(lengths, BatchLimits(max_rows=128, max_tokens=1 << 20, call_overhead_tokens=256))
+    assert sorted(len(b) for b in batches) == [64, 64]
+    assert padding_efficiency(lengths, batches) == 1.0
+
+
+def test_small_length_step_is_cheaper_than_a_call() -> None:
+    # padding 8 rows by one token costs 8 tokens, far less than a 256-token call: keep one batch
+    lengths = np.array([11] * 8 + [10] * 8)
+    batches = plan_batches(lengths, BatchLimits(max_rows=128, max_tokens=8192, call_overhead_tokens=256))
+    assert len(batches) == 1
+
+
+def test_free_calls_mean_no_padding() -> None:
+    lengths = heavy_tailed_lengths(1000, seed=5)
+    batches = plan_batches(lengths, BatchLimits(call_overhead_tokens=0))
+    assert padding_efficiency(lengths, batches) == 1.0
+
+
+def test_task_sized_inputs_pad_less_than_filling_every_batch() -> None:
+    """A Spark task holds ~1k rows; filling batches to the caps wastes far more there."""
+    lengths = heavy_tailed_lengths(1000, seed=9)
+    limits = BatchLimits().for_device("cpu")
+    assert limits.call_overhead_tokens == 256
+    greedy_fill = []
+    order = np.argsort(-lengths, kind="stable")
+    start = 0
+    while start < len(order):
+        size = max(1, min(limits.max_rows, limits.max_tokens // int(lengths[order[start]])))
+        greedy_fill.append(order[start : start + size])
+        start += size
+    planned = plan_batches(lengths, limits)
+    greedy_cost = plan_cost(lengths, greedy_fill, 256)
+    assert plan_cost(lengths, planned, 256) < greedy_cost
+    assert padding_efficiency(lengths, planned) > padding_efficiency(lengths, greedy_fill) + 0.03
+
+
+def test_negative_call_overhead_raises() -> None:
+    with pytest.raises(ValueError, match="call_overhead_tokens"):
+        BatchLimits(call_overhead_tokens=-1)
+
+
+def test_call_overhead_defaults_by_device() -> None:
+    assert BatchLimits().for_device("cpu").call_overhead_tokens == 256
+    assert BatchLimits().for_device("cuda").call_overhead_tokens == 4096
+    assert BatchLimits(call_overhead_tokens=7).for_device("cuda").call_overhead_tokens == 7
+    assert BatchLimits(call_overhead_tokens=7).halved().call_overhead_tokens == 7
