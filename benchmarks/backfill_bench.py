@@ -314,7 +314,7 @@ def instrument_backfill(spark: Any, timers: StageTimers, captured: dict[str, Any
     timers.wrap(type(spark.range(0)), "count", "DataFrame.count() jobs (rows_in, deletes, dupes)")
     timers.wrap(delta_io, "append_idempotent", "quarantine append")
     timers.wrap(delta_io, "ensure_embeddings_table", "ensure target table")
-    timers.wrap(delta_io, "merge_embeddings", "Delta MERGE into target")
+    timers.wrap(delta_io, "merge_embeddings", "Delta MERGE (or append into an empty target)")
     timers.wrap(bf, "write_online", "Feast online write")
 
     orig_make = getattr(bf, "make_embed_fn", None)

@@ -356,6 +356,7 @@ def run_backfill(
             app_id=app,
             version=source.version,
             user_metadata=meta,
+            storage_options=cfg.target.storage_options,
         )
         crash_point("after_delta_commit")
         summary.target_version = delta_lineage.describe_table(cfg.target.uri, cfg.target.storage_options).version

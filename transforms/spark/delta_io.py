@@ -132,6 +132,20 @@ def ensure_embeddings_table(spark: SparkSession, uri: str, dim: int) -> None:
         spark.sql(f"ALTER TABLE {_quoted(uri)} ADD CONSTRAINT {name} CHECK ({expr})")
 
 
+def holds_no_rows(uri: str, storage_options: dict[str, str] | None = None) -> bool:
+    """True when the Delta table at ``uri`` exists and its latest snapshot has no data files.
+
+    Read with delta-rs from the log alone (no Spark job). ``False`` whenever that cannot be told,
+    e.g. object-store credentials only Spark has: callers then take the general path.
+    """
+    from deltalake import DeltaTable
+
+    try:
+        return len(DeltaTable(uri, storage_options=storage_options or None).file_uris()) == 0
+    except Exception:
+        return False
+
+
 def merge_embeddings(
     spark: SparkSession,
     uri: str,
@@ -141,17 +155,29 @@ def merge_embeddings(
     app_id: str,
     version: int,
     user_metadata: str,
+    storage_options: dict[str, str] | None = None,
 ) -> None:
     """Upsert rows with ``_op = upsert``, delete ids with ``_op = delete``, in one commit.
 
     ``delete_missing`` (full mode) also removes target rows whose id is absent from ``changes``,
     so the target mirrors the source snapshot.
+
+    Into a table that holds no rows yet (the first backfill of a new target, by far the largest) a
+    MERGE is only a join against nothing: the upserts are appended instead, in one commit under the
+    same app transaction, which saves the join and the target scan. The ids in ``changes`` are
+    unique (duplicates are quarantined before inference), so the result is the same table.
     """
     from delta.tables import DeltaTable
     from pyspark.sql import Column
 
     cols = ["item_id", VECTOR_COLUMN, "model_name", "model_version", "source_version", "processed_at"]
     values: dict[str, str | Column] = {c: f"s.{c}" for c in cols}
+    if holds_no_rows(uri, storage_options):
+        from pyspark.sql import functions as F
+
+        upserts = changes.filter(F.col(OP) == UPSERT).select(*cols)
+        append_idempotent(upserts, uri, app_id=app_id, version=version, user_metadata=user_metadata)
+        return
     target = DeltaTable.forPath(spark, uri)
     merge = (
         target.alias("t")
