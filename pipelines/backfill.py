@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -78,10 +80,17 @@ class BackfillSummary:
         return self.rows_in / self.inference_seconds if self.inference_seconds else 0.0
 
 
+@dataclass(frozen=True)
+class _Selection:
+    rows: DataFrame | None  # with ``_op``; None when there is nothing to do
+    nothing_reason: str | None = None
+    delete_missing: bool = False  # full pass: target ids absent from the source go
+    has_deletes: bool = False  # change-feed rows: some may carry ``_op = delete``
+
+
 def _select_rows(
     spark: SparkSession, cfg: BackfillConfig, source: delta_lineage.TableInfo, model_version: str
-) -> tuple[DataFrame | None, str | None, bool]:
-    """(rows to process with ``_op``, reason when there is nothing to do, delete_missing)."""
+) -> _Selection:
     from pyspark.sql import functions as F
 
     id_col = cfg.source.id_column
@@ -91,21 +100,21 @@ def _select_rows(
         return delta_io.read_snapshot(spark, cfg.source.uri, version).withColumn(delta_io.OP, F.lit(delta_io.UPSERT))
 
     if cfg.mode == "full":
-        return snapshot(), None, True
+        return _Selection(snapshot(), delete_missing=True)
     if cfg.mode == "incremental":
         last = delta_lineage.last_processed_version(cfg.target.uri, source.table_id, JOB, cfg.target.storage_options)
         if last is None:
             log.info("no earlier run recorded in the target: incremental starts with a full pass")
-            return snapshot(), None, True
+            return _Selection(snapshot(), delete_missing=True)
         if last >= version:
-            return None, f"source version {version} already processed", False
+            return _Selection(None, f"source version {version} already processed")
         if not source.cdf_enabled:
             raise SourceError(
                 f"source table {cfg.source.uri} has no change data feed, so --mode incremental cannot "
                 "find changed rows: enable delta.enableChangeDataFeed on it or use --mode full"
             )
         changes = delta_io.read_latest_changes(spark, cfg.source.uri, start=last + 1, end=version, id_column=id_col)
-        return changes, None, False
+        return _Selection(changes, has_deletes=True)
     # stale: rows with no embedding from the current model (never embedded, or embedded by another)
     rows = snapshot()
     if delta_lineage.table_exists(cfg.target.uri, cfg.target.storage_options):
@@ -116,7 +125,7 @@ def _select_rows(
             .select(F.col("item_id").alias(id_col))
         )
         rows = rows.join(current, on=id_col, how="left_anti")
-    return rows, None, False
+    return _Selection(rows)
 
 
 def _input_duplicates(rows: DataFrame, id_col: str) -> tuple[DataFrame, DataFrame, DataFrame]:
@@ -154,6 +163,14 @@ def _calibration_sample(spark: SparkSession, cfg: BackfillConfig, source: delta_
     return tuple(r[0] for r in rows)
 
 
+def _in_background(fn: Callable[[], None]) -> Future[None]:
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-prepare")
+    try:
+        return pool.submit(fn)
+    finally:
+        pool.shutdown(wait=False)  # the thread finishes its one call, then exits
+
+
 def _partitions(cfg: BackfillConfig, spark: SparkSession, rows: int) -> int:
     if cfg.spark.partitions:
         return cfg.spark.partitions
@@ -183,7 +200,7 @@ def preflight(cfg: BackfillConfig) -> Preflight:
     delta_io.check_writable(cfg.target.quarantine)
     encoder = load_encoder(cfg.model)
     if cfg.feast is not None and cfg.feast.enabled:
-        online_sink(cfg.feast, cfg.target.uri, encoder.dim).apply()
+        online_sink(cfg.feast, cfg.target.uri, encoder.dim).check_reachable()
     return Preflight(source=source, encoder=encoder)
 
 
@@ -236,13 +253,15 @@ def run_backfill(
                 .load(cfg.target.uri)
                 .filter((F.col("model_version") == encoder.version) & (F.col("source_version") == source.version))
             )
+            online_sink(cfg.feast, cfg.target.uri, dim).apply()
             summary.online_written = write_online(published, cfg.feast, cfg.target.uri, dim)
         summary.total_seconds = time.perf_counter() - t_start
         return summary
 
-    rows, nothing_reason, delete_missing = _select_rows(spark, cfg, source, encoder.version)
+    selection = _select_rows(spark, cfg, source, encoder.version)
+    rows, delete_missing = selection.rows, selection.delete_missing
     if rows is None:
-        summary.skipped_reason = nothing_reason
+        summary.skipped_reason = selection.nothing_reason
         summary.total_seconds = time.perf_counter() - t_start
         return summary
     crash_point("after_read")
@@ -253,7 +272,7 @@ def run_backfill(
     counted, unique, dupes = _input_duplicates(upserts.select(id_col, text_col), id_col)
     counted.persist(StorageLevel.MEMORY_AND_DISK)
     n_in = counted.count()
-    n_deleted = deletes.count()
+    n_deleted = deletes.count() if selection.has_deletes else 0  # else a needless source re-scan
     summary.rows_in, summary.rows_deleted = n_in, n_deleted
 
     # 3. Inference, once: persisted, then split.
@@ -282,6 +301,10 @@ def run_backfill(
         .mapInArrow(make_embed_fn(spec, dim, acc), out_type)
         .persist(StorageLevel.MEMORY_AND_DISK)
     )
+    # Registering the feature view imports Feast (seconds); pre-flight already proved the store is
+    # reachable, so the registration runs on a driver thread while the executors embed, and is
+    # waited for (its error raised) before anything is published.
+    feast_ready = _in_background(online_sink(cfg.feast, cfg.target.uri, dim).apply) if cfg.feast and feast_on else None
     t_inf = time.perf_counter()
     with stage_progress(spark, "embedding", total_rows=n_in, enabled=cfg.spark.progress):
         counts = {(r[STATUS], r["stage"]): r["count"] for r in embedded.groupBy(STATUS, "stage").count().collect()}
@@ -322,6 +345,8 @@ def run_backfill(
                 )
             )
 
+        if feast_ready is not None:
+            feast_ready.result()
         # 4. Publish: quarantine, then the target (its commit is the progress marker), then Feast.
         if summary.rows_quarantined:
             delta_io.append_idempotent(

@@ -263,18 +263,26 @@ class FeastOnlineSink:
             entity_key_serialization_version=3,
         )
 
-    def apply(self) -> None:
-        """Register the entity and feature view, create the store's tables, and prove it answers.
+    def check_reachable(self) -> None:
+        """Fail now, in well under a second, if the store cannot be reached or created.
 
-        Idempotent; meant to run once per job on the driver *before* any inference, so an
-        unreachable store fails the run in seconds instead of after the model has run.
+        Creates the local registry/SQLite directories and PINGs Redis; Feast itself is not
+        imported (that alone takes seconds), so a job can call this before any work and leave
+        :meth:`apply` to run alongside it.
         """
         self._prepare_local_dirs()
-        feast = self._live()
         store = self._config.online_store
         if isinstance(store, RedisOnlineStoreConfig):
             with self._translate_errors("connecting"):
                 _ping_redis(store.connection_string)
+
+    def apply(self) -> None:
+        """Register the entity and feature view, create the store's tables, and prove it answers.
+
+        Idempotent; must finish before the first :meth:`write`. Includes :meth:`check_reachable`.
+        """
+        self.check_reachable()
+        feast = self._live()
         with self._translate_errors("registering the feature view"):
             feast.store.apply([feast.entity, feast.view], partial=True)
         with self._translate_errors("reading back from the store"):

@@ -306,6 +306,39 @@ def test_unreachable_redis_fails_apply_at_once_with_a_one_line_sink_error(tmp_pa
 
 
 @pytest.mark.redis
+def test_check_reachable_fails_fast_without_importing_feast(tmp_path: Path) -> None:
+    """The backfill's pre-flight: the store's address is checked before any work, in well under a
+    second, while Feast's own import and registration are left to run alongside the inference."""
+    import subprocess
+    import sys
+
+    address = f"127.0.0.1:{_closed_port()}"
+    probe = (
+        "import sys\n"
+        "from transforms.errors import SinkError\n"
+        "from transforms.sinks.feast_online import FeastConfig, FeastOnlineSink\n"
+        f"store = {{'type': 'redis', 'connection_string': {address!r}}}\n"
+        f"cfg = FeastConfig.local({str(tmp_path)!r}, online_store=store)\n"
+        f"sink = FeastOnlineSink(cfg, embeddings_table_uri={str(tmp_path / 'emb')!r}, dim=4)\n"
+        "try:\n"
+        "    sink.check_reachable()\n"
+        "except SinkError as exc:\n"
+        "    print(exc)\n"
+        "print('feast imported' if 'feast' in sys.modules else 'feast not imported')\n"
+    )
+    script = tmp_path / "probe.py"
+    script.write_text(probe)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True, timeout=60)
+    first, second = out.stdout.strip().splitlines()
+    _assert_unreachable_message(first, address)
+    assert second == "feast not imported"
+
+    healthy = FeastOnlineSink(FeastConfig.local(tmp_path / "ok"), embeddings_table_uri=str(tmp_path / "e"), dim=DIM)
+    healthy.check_reachable()
+    assert Path(FeastConfig.local(tmp_path / "ok").registry).parent.is_dir()
+
+
+@pytest.mark.redis
 def test_unreachable_redis_fails_write_with_a_one_line_sink_error(tmp_path: Path) -> None:
     address = f"127.0.0.1:{_closed_port()}"
     # retry=null turns off redis-py's back-off (seconds per attempt); the error path is the same.
