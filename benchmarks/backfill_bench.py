@@ -312,7 +312,7 @@ def instrument_backfill(spark: Any, timers: StageTimers, captured: dict[str, Any
     from transforms import delta_lineage
     from transforms.spark import delta_io
 
-    timers.wrap(bf, "preflight", "preflight (driver: describe source, checks, model, feast apply)")
+    timers.wrap(bf, "preflight", "preflight (driver: describe source, checks, model, store reachable)")
     timers.wrap(delta_lineage, "committed_txn_version", "txn check on target")
     timers.wrap(bf, "_select_rows", "select rows (plan)")
     # pyspark 4's DataFrame is pyspark.sql.classic.dataframe.DataFrame, which overrides count().
@@ -799,7 +799,7 @@ One run measures, on the same cores and the same seeded texts
 |---|---|
 | **(a) model limit** | The encoder from `load_encoder(ModelConfig())` in a tight loop: texts tokenised once (`transforms.inference.tokenize`), cut into length-sorted batches by `plan_batches` with the default `BatchLimits()`, all padded tensors built *before* the clock starts; only forward + pooling (+ normalise) under `torch.inference_mode` is timed. One process, all cores. DESIGN.md calls this the reference point: a job's efficiency is its rows/s ÷ this. |
 | **(a') threads=1** | The same with `torch.set_num_threads(1)`: what one core does; the Spark tasks run one torch thread each. |
-| **(b) sluice backfill** | `pipelines.backfill.run_backfill` on `local[2]` (session created and warmed first, so JVM start is excluded): Delta source → `mapInArrow` inference → Delta MERGE + Feast SQLite. *Inference stage* = `summary.rows_per_second` (the persisted inference job only); *whole run* = `rows_in / total_seconds` (pre-flight, counts, MERGE, online write included). The script wraps (never changes) the backfill's steps to report where the time went. |
+| **(b) sluice backfill** | `pipelines.backfill.run_backfill` on `local[2]` (session created and warmed first, so JVM start is excluded: the warm-up runs a Delta write and one Python job that imports torch and transformers in each worker): Delta source → `mapInArrow` inference → Delta MERGE + Feast SQLite. *Inference stage* = `summary.rows_per_second` (the persisted inference job only); *whole run* = `rows_in / total_seconds` (pre-flight, counts, MERGE, online write included). The script wraps (never changes) the backfill's steps to report where the time went. |
 | **(c) `predict_batch_udf`** | Spark's own recipe (`pyspark.ml.functions.predict_batch_udf`) as its docstring shows it: `make_predict_fn` loads the HF tokenizer + `AutoModel` once per worker and returns `predict`, which tokenises with `padding=True, truncation=True, max_length=256`, runs the model, mean-pools and normalises; `batch_size=100`, `return_type=ArrayType(FloatType())`. Same session, same rows (repartitioned to the core count), written to a Delta table; the write action is timed. |
 | **(d) int8** | `ModelConfig(precision="int8")` (dynamic quantisation of Linear layers, per-channel) in the same tight loop as (a); cosine to (a)'s fp32 embedding per row (min, 1st percentile, mean). CPU only. |
 

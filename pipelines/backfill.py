@@ -163,6 +163,9 @@ def _calibration_sample(spark: SparkSession, cfg: BackfillConfig, source: delta_
     return tuple(r[0] for r in rows)
 
 
+ROWS_PER_TASK = 4096
+
+
 def _in_background(fn: Callable[[], None]) -> Future[None]:
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-prepare")
     try:
@@ -175,9 +178,11 @@ def _partitions(cfg: BackfillConfig, spark: SparkSession, rows: int) -> int:
     if cfg.spark.partitions:
         return cfg.spark.partitions
     cores = spark.sparkContext.defaultParallelism
-    # Enough tasks to balance heavy-tailed texts across cores and show progress, large enough
-    # (~1k rows) that length bucketing inside each task still has texts of similar length to group.
-    tasks = max(2 * cores, min(cores * 16, -(-rows // 1024)))
+    # At least two waves, to balance heavy-tailed texts across cores and show progress; otherwise
+    # ~4k rows per task: each task costs ~0.7 s outside the model (scheduling, Arrow, persist) and
+    # bigger tasks pad less (0.98 of tokens real at 4k rows, 0.94 at 1k), which measured 3% faster
+    # than 1k-row tasks on the 20k-row demo table. Past 16 waves tasks simply grow.
+    tasks = max(2 * cores, min(cores * 16, -(-rows // ROWS_PER_TASK)))
     return -(-tasks // cores) * cores  # whole waves: no last wave with idle cores
 
 
