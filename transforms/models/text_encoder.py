@@ -70,9 +70,9 @@ class TextEncoder:
 
     def autocast(self) -> Any:
         """The autocast context for this precision (a no-op context for fp32/int8)."""
-        if self.precision in ("bf16", "fp16") and self.device.type == "cuda":
+        if self.precision in ("bf16", "fp16"):
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            return torch.autocast(device_type="cuda", dtype=dtype)
+            return torch.autocast(device_type=self.device.type, dtype=dtype)
         return torch.autocast(device_type=self.device.type, enabled=False)
 
 

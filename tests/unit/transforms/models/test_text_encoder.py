@@ -100,9 +100,9 @@ def test_resolve_precision_rules() -> None:
     assert resolve_precision("int8", CPU) == "int8"
     assert resolve_precision("fp16", CUDA) == "fp16"
     assert resolve_precision("bf16", CUDA) == "bf16"
-    for setting in ("bf16", "fp16"):
-        with pytest.raises(ConfigError, match=rf"model\.precision {setting} needs a GPU"):
-            resolve_precision(setting, CPU)
+    assert resolve_precision("bf16", CPU) == "bf16"  # autocast on CPU (AMX where present)
+    with pytest.raises(ConfigError, match=r"model\.precision fp16 needs a GPU"):
+        resolve_precision("fp16", CPU)
     with pytest.raises(ConfigError, match=r"int8 .* runs on CPU only"):
         resolve_precision("int8", CUDA)
     with pytest.raises(ConfigError, match="not 'fp8'"):
@@ -347,3 +347,16 @@ def test_safetensors_via_load_encoder(safetensors_path: Path) -> None:
     assert enc.dim == 8 and enc.name == "tiny"  # the artifact's name; cfg.name is for rows
     with pytest.raises(ModelLoadError, match="pins 0123456789abcdef"):
         load_encoder(cfg.model_copy(update={"sha256": "0123456789abcdef"}))
+
+
+def test_bf16_on_cpu_stays_with_fp32() -> None:
+    """bf16 autocast on CPU: the same embeddings as fp32 to within bf16's rounding."""
+    texts = ["bf16 on a CPU", "a much longer product description with many words in it " * 4, "ok"]
+    fp32 = load_encoder(ModelConfig(precision="fp32", device="cpu"))
+    bf16 = load_encoder(ModelConfig(precision="bf16", device="cpu"))
+    assert bf16.precision == "bf16"
+    a = encode_texts(fp32, texts, limits=BatchLimits()).embeddings
+    b = encode_texts(bf16, texts, limits=BatchLimits()).embeddings
+    assert b.dtype == np.float32
+    assert (np.sum(a * b, axis=1) > 0.999).all()
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-3)
