@@ -128,7 +128,7 @@ def backfill(
         str | None, typer.Option("--model", help="builtin:NAME, HF directory, TorchScript or safetensors")
     ] = None,
     precision: Annotated[
-        str | None, typer.Option("--precision", help="auto, fp32, bf16 (GPU; CPU autocast, fast on AMX CPUs), fp16 (GPU) or int8 (CPU)")
+        str | None, typer.Option("--precision", help="auto, fp32, bf16 (GPU, AMX CPU), fp16 (GPU), int8 (CPU)")
     ] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda")] = None,
     master: Annotated[
