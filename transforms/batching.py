@@ -54,8 +54,9 @@ class BatchLimits:
         return replace(self, call_overhead_tokens=DEFAULT_CALL_OVERHEAD_TOKENS.get(device_type, 256))
 
 
-# Measured with MiniLM (benchmarks/README.md): one CPU call ~ 200 tokens of work; on a GPU a call
-# below a few thousand tokens leaves the device idle, so batches are only split for large steps.
+# CPU: timed with MiniLM on one core, a call costs ~20-25 ms beyond its tokens, i.e. ~120-150 tokens
+# at ~0.17 ms each (noisy; 256 errs towards fewer calls). CUDA: not measured yet (no GPU lent), set
+# high because a call below a few thousand tokens leaves the device idle; config overrides both.
 DEFAULT_CALL_OVERHEAD_TOKENS = {"cpu": 256, "cuda": 4096}
 
 
