@@ -272,7 +272,9 @@ class StageTimers:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
-        self.inside = False
+        # Per thread: the backfill runs some steps on driver threads (Feast registration, creating
+        # the target), and one thread's timed step must not hide another thread's.
+        self._local = threading.local()
         self._undo: list[tuple[Any, str, Any]] = []
 
     def wrap(self, obj: Any, name: str, label: str) -> None:
@@ -282,16 +284,22 @@ class StageTimers:
         timers = self
 
         def timed(*a: Any, **k: Any) -> Any:
-            if timers.inside:  # nested in another timed step: its time belongs to that step
+            local = timers._local
+            if getattr(local, "inside", False):  # nested in another timed step: its time belongs to that step
                 return orig(*a, **k)
-            timers.inside = True
+            local.inside = True
             t0 = time.perf_counter()
+            name = (
+                label
+                if threading.current_thread() is threading.main_thread()
+                else f"{label} (driver thread, overlaps inference)"
+            )
             try:
                 return orig(*a, **k)
             finally:
-                timers.inside = False
-                timers.seconds[label] = timers.seconds.get(label, 0.0) + time.perf_counter() - t0
-                timers.calls[label] = timers.calls.get(label, 0) + 1
+                local.inside = False
+                timers.seconds[name] = timers.seconds.get(name, 0.0) + time.perf_counter() - t0
+                timers.calls[name] = timers.calls.get(name, 0) + 1
 
         setattr(obj, name, timed)
         self._undo.append((obj, name, orig))
@@ -412,16 +420,18 @@ def spark_session(master: str) -> Any:
 
 
 def spark_warmup(spark: Any, tmp: Path) -> float:
-    """JVM, Delta classes and Python workers up (with torch imported) before anything is timed."""
+    """JVM, Delta classes and one plain Python worker per core up before anything is timed.
+
+    Only what "JVM start" covers: the workers import nothing of the model's (no torch, no
+    transformers), so (b) and (c) each pay their own imports and model loads, as a user's
+    ``spark-submit`` does.
+    """
     t0 = time.perf_counter()
     spark.range(100_000).selectExpr("sum(id)").collect()
     spark.range(10).write.format("delta").save(str(tmp / "warmup"))
     spark.read.format("delta").load(str(tmp / "warmup")).count()
 
     def imports(batches: Any) -> Any:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-
         yield from batches
 
     n = spark.sparkContext.defaultParallelism
@@ -477,7 +487,8 @@ def run_b(spark: Any, tmp: Path, items_uri: str, device: str, n_rows: int) -> di
         }
     )
     steps = {k: round(v, 3) for k, v in timers.seconds.items()}
-    accounted = sum(timers.seconds.values())
+    # Steps on driver threads overlap the inference stage: they are listed, not subtracted.
+    accounted = sum(v for k, v in timers.seconds.items() if "driver thread" not in k)
     steps["inference stage (mapInArrow + persist + groupBy count)"] = round(s.inference_seconds, 3)
     steps["other (driver glue, unwrapped jobs)"] = round(s.total_seconds - accounted - s.inference_seconds, 3)
     res["steps_seconds"] = steps
@@ -605,6 +616,7 @@ def ratios(r: dict[str, Any]) -> dict[str, float | None]:
         "d_over_a": div(d, a),
         # Informative: (b)'s tasks run one torch thread each, so two of them at (a') is also a limit.
         "b_inference_over_cores_x_a1": div(b_inf, a1 * r["meta"]["cores_available"]) if a1 else None,
+        "a_over_a_hf": div(a, rate("a_hf")),
     }
 
 
@@ -627,6 +639,17 @@ def results_table(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     rows = [
         ("(a) model limit, tight loop, all cores", _f(a.get("rows_per_s")), f"{a.get('torch_threads')} torch threads"),
         ("(a') model limit, torch threads=1", _f(a1.get("rows_per_s")), "one core"),
+    ]
+    hf = r.get("a_hf") or {}
+    if hf.get("rows_per_s"):
+        rows.append(
+            (
+                "(a-hf) same loop, transformers BertModel",
+                _f(hf.get("rows_per_s")),
+                f"informative; cosine to (a) min {_f((hf.get('cosine_to_a') or {}).get('min'), 5)}",
+            )
+        )
+    rows += [
         (
             "(b) sluice backfill, inference stage",
             _f(b.get("inference_rows_per_s")),
@@ -675,6 +698,12 @@ def ratio_table(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         (
             f"(b) inference / ({r['meta']['cores_available']} × (a')) (informative)",
             _f(q["b_inference_over_cores_x_a1"], 2),
+            "—",
+            "",
+        ),
+        (
+            "(a) sluice's BERT / (a-hf) transformers' (informative)",
+            _f(q.get("a_over_a_hf"), 2),
             "—",
             "",
         ),
@@ -799,7 +828,7 @@ One run measures, on the same cores and the same seeded texts
 |---|---|
 | **(a) model limit** | The encoder from `load_encoder(ModelConfig())` in a tight loop: texts tokenised once (`transforms.inference.tokenize`), cut into length-sorted batches by `plan_batches` with the default `BatchLimits()`, all padded tensors built *before* the clock starts; only forward + pooling (+ normalise) under `torch.inference_mode` is timed. One process, all cores. DESIGN.md calls this the reference point: a job's efficiency is its rows/s ÷ this. |
 | **(a') threads=1** | The same with `torch.set_num_threads(1)`: what one core does; the Spark tasks run one torch thread each. |
-| **(b) sluice backfill** | `pipelines.backfill.run_backfill` on `local[2]` (session created and warmed first, so JVM start is excluded: the warm-up runs a Delta write and one Python job that imports torch and transformers in each worker): Delta source → `mapInArrow` inference → Delta MERGE + Feast SQLite. *Inference stage* = `summary.rows_per_second` (the persisted inference job only); *whole run* = `rows_in / total_seconds` (pre-flight, counts, MERGE, online write included). The script wraps (never changes) the backfill's steps to report where the time went. |
+| **(b) sluice backfill** | `pipelines.backfill.run_backfill` on `local[2]` (session created and warmed first, so JVM start is excluded: the warm-up runs a Delta write and one Arrow Python job per core, importing nothing of the model's, so worker imports and model loads are counted): Delta source → `mapInArrow` inference → Delta MERGE + Feast SQLite. *Inference stage* = `summary.rows_per_second` (the persisted inference job only); *whole run* = `rows_in / total_seconds` (pre-flight, counts, MERGE, online write included). The script wraps (never changes) the backfill's steps to report where the time went. |
 | **(c) `predict_batch_udf`** | Spark's own recipe (`pyspark.ml.functions.predict_batch_udf`) as its docstring shows it: `make_predict_fn` loads the HF tokenizer + `AutoModel` once per worker and returns `predict`, which tokenises with `padding=True, truncation=True, max_length=256`, runs the model, mean-pools and normalises; `batch_size=100`, `return_type=ArrayType(FloatType())`. Same session, same rows (repartitioned to the core count), written to a Delta table; the write action is timed. |
 | **(d) int8** | `ModelConfig(precision="int8")` (dynamic quantisation of Linear layers, per-channel) in the same tight loop as (a); cosine to (a)'s fp32 embedding per row (min, 1st percentile, mean). CPU only. |
 
@@ -864,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--master", default="local[2]")
-    ap.add_argument("--skip", default="", help="comma list of a1,b,c,d to leave out ((a) always runs)")
+    ap.add_argument("--skip", default="", help="comma list of a1,hf,b,c,d to leave out ((a) always runs)")
     ap.add_argument("--no-readme", action="store_true", help="do not regenerate benchmarks/README.md")
     args = ap.parse_args(argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -944,6 +973,19 @@ def main(argv: list[str] | None = None) -> int:
         a1.pop("_emb")
         r["a_threads1"] = a1
         log(f"(a') threads=1: {a1['rows_per_s']:.1f} rows/s ({a1['seconds']:.1f}s)")
+    if "hf" not in skip and enc.module.__class__.__name__ == "BertEncoder":
+        # Informative: the same loop through transformers' BertModel, the implementation (c) and
+        # most users' code run, to show what sluice's own BERT (transforms.models.bert) adds.
+        import dataclasses
+
+        from transforms.models.text_encoder import _HFTokenEmbeddings, _transformers_model
+
+        hf_module = _HFTokenEmbeddings(_transformers_model(enc.artifact.path)).eval().to(enc.device)
+        hf = tight_loop(dataclasses.replace(enc, module=hf_module), batches, n)
+        hf["cosine_to_a"] = cosine_stats(hf.pop("_emb"), emb_fp32)
+        r["a_hf"] = hf
+        del hf_module
+        log(f"(a-hf) transformers BertModel: {hf['rows_per_s']:.1f} rows/s ({hf['seconds']:.1f}s)")
     del batches
 
     # (d)

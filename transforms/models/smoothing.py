@@ -57,10 +57,10 @@ CALIBRATION_TEXTS: tuple[str, ...] = (
 )
 
 
-def _calibration_inputs(tokenizer: Tokenizer, texts: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Length-sorted batches of 16, so padded positions (which have activations of their own)
-    barely count in the measured maxima."""
-    encodings = tokenizer.encode_batch(list(texts), add_special_tokens=True)
+def calibration_batches(tokenizer: Tokenizer, texts: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``texts`` (or the built-in corpus when empty) as length-sorted batches of 16, so padded
+    positions (which have activations of their own) barely count in the measured maxima."""
+    encodings = tokenizer.encode_batch(list(texts) or list(CALIBRATION_TEXTS), add_special_tokens=True)
     order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
     batches = []
     for start in range(0, len(order), 16):
@@ -112,7 +112,7 @@ def smooth_linear_inputs(
             hooks.append(layer.register_forward_hook(record))
     try:
         with torch.inference_mode():
-            for ids, mask in _calibration_inputs(tokenizer, list(texts) or list(CALIBRATION_TEXTS)):
+            for ids, mask in calibration_batches(tokenizer, texts):
                 module(ids, mask)
     finally:
         for h in hooks:

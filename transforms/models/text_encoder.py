@@ -20,6 +20,7 @@ import torch
 from tokenizers import Tokenizer
 
 from transforms.errors import ConfigError, ModelLoadError
+from transforms.models import bert
 from transforms.models.artifact import ModelArtifact
 from transforms.models.device import Precision, resolve_precision
 
@@ -106,17 +107,15 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _hf_directory(
     artifact: ModelArtifact, max_seq_length: int | None
 ) -> tuple[torch.nn.Module, int, int, Pooling, bool]:
-    from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
-
     root = artifact.path
     config = _read_json(root / "config.json")
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        model = AutoModel.from_pretrained(str(root), local_files_only=True, use_safetensors=True)
-    except Exception as exc:
-        raise ModelLoadError(f"model directory {root} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+    unsupported = bert.supports(config)
+    if unsupported is None and (root / "model.safetensors").is_file():
+        # BERT-family (the packaged MiniLM is one): sluice's own encoder, no transformers import.
+        model: torch.nn.Module = bert.load_bert(root, config)
+    else:
+        log.info("loading %s through transformers (%s)", root, unsupported or "no model.safetensors")
+        model = _HFTokenEmbeddings(_transformers_model(root))
     pooling: Pooling = "mean"
     pooling_cfg = root / "1_Pooling" / "config.json"
     if pooling_cfg.is_file():
@@ -134,7 +133,20 @@ def _hf_directory(
         seq = int(_read_json(st_cfg).get("max_seq_length", 0)) if st_cfg.is_file() else 0
         seq = seq or min(int(config.get("max_position_embeddings", 512)), 512)
     dim = int(config.get("hidden_size", 0))
-    return _HFTokenEmbeddings(model), dim, seq, pooling, normalize
+    return model, dim, seq, pooling, normalize
+
+
+def _transformers_model(root: Path) -> torch.nn.Module:
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model: torch.nn.Module = AutoModel.from_pretrained(str(root), local_files_only=True, use_safetensors=True)
+    except Exception as exc:
+        raise ModelLoadError(f"model directory {root} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+    return model
 
 
 def _torchscript(artifact: ModelArtifact) -> torch.nn.Module:
@@ -236,10 +248,13 @@ def load_text_encoder(
         # and with per-channel weight scales: without either, MiniLM loses ~0.05 of cosine to fp32.
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-        from transforms.models.smoothing import smooth_linear_inputs
+        from transforms.models.smoothing import calibration_batches, smooth_linear_inputs
 
-        module = smooth_linear_inputs(module, tok, texts=calibration_texts)
-        module = quantize_dynamic(module, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+        if isinstance(module, bert.BertEncoder):
+            module = bert.quantize_int8(module, calibration_batches(tok, calibration_texts))
+        else:
+            module = smooth_linear_inputs(module, tok, texts=calibration_texts)
+            module = quantize_dynamic(module, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
     module.to(dev)
     if artifact.kind != "hf_directory":
         dim, pooling = _probe_output(module, dev)
