@@ -31,7 +31,8 @@ from transforms.errors import QualityGateError, SourceError
 from transforms.models.spec import load_encoder
 from transforms.models.text_encoder import TextEncoder
 from transforms.spark import delta_io
-from transforms.spark.embed import OK, QUARANTINED, STATUS, make_embed_fn, stats_accumulator_param
+from transforms.spark.accumulators import dict_sum_accumulator
+from transforms.spark.embed import OK, QUARANTINED, STATUS, make_embed_fn
 from transforms.spark.feast_write import online_sink, write_online
 from transforms.spark.progress import stage_progress
 
@@ -258,8 +259,9 @@ def run_backfill(
                 .load(cfg.target.uri)
                 .filter((F.col("model_version") == encoder.version) & (F.col("source_version") == source.version))
             )
-            online_sink(cfg.feast, cfg.target.uri, dim).apply()
-            summary.online_written = write_online(published, cfg.feast, cfg.target.uri, dim)
+            repair = online_sink(cfg.feast, cfg.target.uri, dim)
+            repair.apply()
+            summary.online_written = write_online(published, repair, rows=published.count())
         summary.total_seconds = time.perf_counter() - t_start
         return summary
 
@@ -293,7 +295,7 @@ def run_backfill(
         text_column="text",
         norm_tolerance=cfg.validation.norm_tolerance,
     )
-    acc = spark.sparkContext.accumulator({}, stats_accumulator_param())
+    acc = spark.sparkContext.accumulator({}, dict_sum_accumulator())
     from pyspark.sql.pandas.types import from_arrow_schema
 
     from transforms.spark.embed import combined_schema
@@ -309,26 +311,35 @@ def run_backfill(
     # Registering the feature view imports Feast (seconds); pre-flight already proved the store is
     # reachable, so the registration runs on a driver thread while the executors embed, and is
     # waited for (its error raised) before anything is published.
-    feast_ready = _in_background(online_sink(cfg.feast, cfg.target.uri, dim).apply) if cfg.feast and feast_on else None
-    t_inf = time.perf_counter()
-    with stage_progress(spark, "embedding", total_rows=n_in, enabled=cfg.spark.progress):
-        counts = {(r[STATUS], r["stage"]): r["count"] for r in embedded.groupBy(STATUS, "stage").count().collect()}
-    summary.inference_seconds = time.perf_counter() - t_inf
-    stats: dict[str, Any] = acc.value
-    if stats.get("padded_tokens"):
-        summary.padding_efficiency = stats["real_tokens"] / stats["padded_tokens"]
-    summary.oom_retries = int(stats.get("oom_retries", 0))
-
-    n_dupes = dupes.count()
-    summary.rows_out = counts.get((OK, None), 0)
-    quarantined: dict[str, int] = {}
-    for (status, stage), c in counts.items():
-        if status == QUARANTINED:
-            quarantined[stage] = quarantined.get(stage, 0) + c
-    if n_dupes:
-        quarantined["input"] = quarantined.get("input", 0) + n_dupes
-    summary.quarantined = quarantined
+    sink = online_sink(cfg.feast, cfg.target.uri, dim) if cfg.feast and feast_on else None
+    feast_ready = _in_background(sink.apply) if sink is not None else None
+    # Creating a new target takes three Spark SQL round trips (seconds) on the driver: they run
+    # while the executors embed. If the run then publishes nothing (quality gate, an error), the
+    # table this run created is removed again, so a failed first run leaves no target behind.
+    new_target = not delta_lineage.table_exists(cfg.target.uri, cfg.target.storage_options)
+    target_ready = (
+        _in_background(lambda: delta_io.ensure_embeddings_table(spark, cfg.target.uri, dim)) if new_target else None
+    )
+    target_published = False
     try:
+        t_inf = time.perf_counter()
+        with stage_progress(spark, "embedding", total_rows=n_in, enabled=cfg.spark.progress):
+            counts = {(r[STATUS], r["stage"]): r["count"] for r in embedded.groupBy(STATUS, "stage").count().collect()}
+        summary.inference_seconds = time.perf_counter() - t_inf
+        stats: dict[str, Any] = acc.value
+        if stats.get("padded_tokens"):
+            summary.padding_efficiency = stats["real_tokens"] / stats["padded_tokens"]
+        summary.oom_retries = int(stats.get("oom_retries", 0))
+
+        n_dupes = dupes.count()
+        summary.rows_out = counts.get((OK, None), 0)
+        quarantined: dict[str, int] = {}
+        for (status, stage), c in counts.items():
+            if status == QUARANTINED:
+                quarantined[stage] = quarantined.get(stage, 0) + c
+        if n_dupes:
+            quarantined["input"] = quarantined.get("input", 0) + n_dupes
+        summary.quarantined = quarantined
         q_cols = [f.name for f in QUARANTINE_SCHEMA]
         q_rows = embedded.filter(F.col(STATUS) == QUARANTINED).select(*q_cols)
         if n_dupes:
@@ -376,7 +387,10 @@ def run_backfill(
                     delta_io.OP, F.lit(delta_io.DELETE)
                 )
             )
-        delta_io.ensure_embeddings_table(spark, cfg.target.uri, dim)
+        if target_ready is not None:
+            target_ready.result()
+        else:
+            delta_io.ensure_embeddings_table(spark, cfg.target.uri, dim)
         crash_point("before_delta_commit")
         delta_io.merge_embeddings(
             spark,
@@ -388,14 +402,27 @@ def run_backfill(
             user_metadata=meta,
             storage_options=cfg.target.storage_options,
         )
+        target_published = True
         crash_point("after_delta_commit")
         summary.target_version = delta_lineage.describe_table(cfg.target.uri, cfg.target.storage_options).version
-        if feast_on and summary.rows_out:
-            assert cfg.feast is not None
-            summary.online_written = write_online(ok_rows, cfg.feast, cfg.target.uri, dim)
+        if sink is not None and summary.rows_out:
+            summary.online_written = write_online(ok_rows, sink, rows=summary.rows_out)
         crash_point("after_online_write")
+    except BaseException:
+        if target_ready is not None and not target_published:
+            _wait_quietly(target_ready)
+            delta_io.remove_if_empty(cfg.target.uri)
+        raise
     finally:
         embedded.unpersist()
         counted.unpersist()
     summary.total_seconds = time.perf_counter() - t_start
     return summary
+
+
+def _wait_quietly(future: Future[None]) -> None:
+    """Let a background step finish before cleaning up after it; its own error is not the story."""
+    try:
+        future.result()
+    except Exception as exc:
+        log.debug("background step failed during clean-up: %s", exc)

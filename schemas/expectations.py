@@ -1,4 +1,4 @@
-"""Expectation suite of the embedding backfill's outputs, as plain data.
+"""Expectation suites of sluice's outputs (embeddings, CTR scores), as plain data.
 
 The suite is written down here, next to the Arrow schemas, because it is part of the output
 contract: a row that breaks it never reaches Delta, Feast or Kafka and goes to the quarantine
@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 EXPECTATIONS_VERSION = 1
 
@@ -60,15 +60,16 @@ class ExpectationSpec:
     expectation: str
     kwargs: Mapping[str, Any]
     reason: str
+    #: ``row``: GX names the failing rows. ``batch``: a property of the whole batch (a mean, say):
+    #: when it fails, every row of the batch fails it.
+    scope: Literal["row", "batch"] = "row"
 
 
 @dataclass(frozen=True)
-class EmbeddingExpectations:
-    """The suite for one vector width and norm tolerance, in the order checks are reported."""
+class SuiteSpec:
+    """A named suite, in the order its checks are reported."""
 
     name: str
-    dim: int
-    norm_tolerance: float
     specs: tuple[ExpectationSpec, ...]
 
     @property
@@ -76,9 +77,19 @@ class EmbeddingExpectations:
         return tuple(s.check for s in self.specs)
 
 
-def _spec(check: str, expectation: str, reason: str, **kwargs: Any) -> ExpectationSpec:
+@dataclass(frozen=True)
+class EmbeddingExpectations(SuiteSpec):
+    """The suite for one vector width and norm tolerance."""
+
+    dim: int = 0
+    norm_tolerance: float = DEFAULT_NORM_TOLERANCE
+
+
+def _spec(
+    check: str, expectation: str, reason: str, *, scope: Literal["row", "batch"] = "row", **kwargs: Any
+) -> ExpectationSpec:
     # A read-only view: the specs are shared process-wide and must not be edited in place.
-    return ExpectationSpec(check, expectation, MappingProxyType(dict(kwargs)), reason)
+    return ExpectationSpec(check, expectation, MappingProxyType(dict(kwargs)), reason, scope)
 
 
 def embedding_expectations(dim: int, norm_tolerance: float = DEFAULT_NORM_TOLERANCE) -> EmbeddingExpectations:
@@ -135,7 +146,96 @@ def embedding_expectations(dim: int, norm_tolerance: float = DEFAULT_NORM_TOLERA
     )
     return EmbeddingExpectations(
         name=f"sluice.embeddings.v{EXPECTATIONS_VERSION}.dim{dim}",
+        specs=specs,
         dim=dim,
         norm_tolerance=tol,
+    )
+
+
+# --- CTR scores (the ad-scoring job) ------------------------------------------------------------
+
+#: Derived per-row facts of a scores batch (see ``transforms.score_validation``).
+REQUEST_ID = "request_id"
+SCORE = "score"
+#: 1 where the score is a finite number, else 0 (GX's pandas engine reads NaN as "missing" and
+#: would let it pass a range check, so finiteness is its own fact).
+SCORE_FINITE = "score_finite"
+#: How many of the lineage fields a served score needs (user_id, ad_id, model_version, topic,
+#: partition, offset, event_time) are null or empty.
+MISSING_FIELDS = "missing_fields"
+SCORE_DERIVED_COLUMNS: tuple[str, ...] = (REQUEST_ID, SCORE, SCORE_FINITE, MISSING_FIELDS)
+#: Batch-level reason fields.
+BATCH_ROWS = "batch_rows"
+BATCH_MEAN = "batch_mean"
+
+DEFAULT_MEAN_RATIO_BOUNDS = (1 / 3, 3.0)
+
+
+@dataclass(frozen=True)
+class ScoreExpectations(SuiteSpec):
+    """The suite for one model's scores; the batch-mean bounds scale with its base rate."""
+
+    base_rate: float = 0.0
+    mean_bounds: tuple[float, float] = (0.0, 1.0)
+
+
+def score_expectations(
+    base_rate: float, mean_ratio_bounds: tuple[float, float] = DEFAULT_MEAN_RATIO_BOUNDS
+) -> ScoreExpectations:
+    """Row checks (a finite probability, lineage present) and one batch check: the batch's mean
+    score within ``mean_ratio_bounds`` times the training base rate.
+
+    A CTR model whose mean prediction drifts far from the rate it was trained on is miscalibrated
+    or fed garbage (a broken upstream feature, a new traffic source): serving those scores would
+    move bids, so the whole batch is held back in quarantine and the runner warns loudly.
+    """
+    if not (isinstance(base_rate, int | float) and math.isfinite(base_rate)) or not (0 < base_rate < 1):
+        raise ValueError(f"base_rate must be a number in (0, 1), got {base_rate!r}")
+    lo_ratio, hi_ratio = mean_ratio_bounds
+    if not (0 <= lo_ratio < 1 < hi_ratio):
+        raise ValueError(f"mean_ratio_bounds must be (low < 1, high > 1), got {mean_ratio_bounds!r}")
+    lo, hi = base_rate * lo_ratio, min(1.0, base_rate * hi_ratio)
+    specs = (
+        _spec("request_id_not_null", "ExpectColumnValuesToNotBeNull", "request_id is null", column=REQUEST_ID),
+        _spec(
+            "score_finite",
+            "ExpectColumnValuesToBeBetween",
+            f"score is {{{SCORE}!r}}, not a finite number",
+            column=SCORE_FINITE,
+            min_value=1,
+            max_value=1,
+        ),
+        _spec(
+            "score_in_unit_interval",
+            "ExpectColumnValuesToBeBetween",
+            f"score is {{{SCORE}!r}}, outside [0, 1]",
+            column=SCORE,
+            min_value=0.0,
+            max_value=1.0,
+        ),
+        _spec(
+            "lineage_present",
+            "ExpectColumnValuesToBeBetween",
+            f"{{{MISSING_FIELDS}}} lineage fields (user_id, ad_id, model_version, topic, partition, offset, "
+            "event_time) are null or empty",
+            column=MISSING_FIELDS,
+            min_value=0,
+            max_value=0,
+        ),
+        _spec(
+            "batch_mean",
+            "ExpectColumnMeanToBeBetween",
+            f"the batch of {{{BATCH_ROWS}}} scores has mean {{{BATCH_MEAN}:.4g}}, outside [{lo:.4g}, {hi:.4g}] "
+            f"= {lo_ratio:g}x..{hi_ratio:g}x the model's base rate {base_rate:.4g}",
+            scope="batch",
+            column=SCORE,
+            min_value=lo,
+            max_value=hi,
+        ),
+    )
+    return ScoreExpectations(
+        name=f"sluice.scores.v{EXPECTATIONS_VERSION}",
         specs=specs,
+        base_rate=float(base_rate),
+        mean_bounds=(lo, hi),
     )

@@ -46,7 +46,7 @@ from schemas.expectations import (
     EMBEDDING_NONFINITE,
     ID,
     ID_OCCURRENCES,
-    EmbeddingExpectations,
+    SuiteSpec,
     embedding_expectations,
 )
 from transforms.errors import ConfigError, SluiceError
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from great_expectations.core.batch_definition import BatchDefinition
     from great_expectations.expectations import Expectation
 
-__all__ = ["CHECK_COLUMN", "REASON_COLUMN", "EmbeddingValidator", "ValidationOutcome"]
+__all__ = ["CHECK_COLUMN", "REASON_COLUMN", "EmbeddingValidator", "SuiteRunner", "ValidationOutcome"]
 
 CHECK_COLUMN = "check"
 REASON_COLUMN = "reason"
@@ -121,7 +121,7 @@ class _GxRuntime:
                     cls._instance = cls()
         return cls._instance
 
-    def build(self, suite: EmbeddingExpectations) -> list[Expectation]:
+    def build(self, suite: SuiteSpec) -> list[Expectation]:
         module = self.gx.expectations
         built: list[Expectation] = []
         for spec in suite.specs:
@@ -168,10 +168,9 @@ def _import_gx() -> Any:
             f"process (code {exc.code}) because it was started with `python -c` or from stdin and "
             "grpcio is missing; run sluice from a script or `python -m`"
         ) from exc
-    if quiet:
-        # This module logger forces itself to INFO on import and announces every ephemeral
-        # context's temporary docs directory.
-        logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.NOTSET)
+    # This module logger forces itself to INFO on import and announces every ephemeral context's
+    # temporary docs directory; it goes back to inheriting from "great_expectations".
+    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.NOTSET)
     return gx
 
 
@@ -257,43 +256,36 @@ def _check_schema(schema: pa.Schema) -> None:
         )
 
 
-class EmbeddingValidator:
-    """Splits embedding output batches into valid and rejected rows.
+class SuiteRunner:
+    """Runs one suite over a frame of derived facts and says which rows failed which check.
 
-    Build one per worker process and reuse it: construction builds the GX expectations, and the
-    GX context behind it is shared by every validator in the process.
+    Built once per worker process (building the GX expectations is not free) and reused for every
+    batch; the GX context behind it is shared by every runner in the process.
     """
 
-    def __init__(self, *, dim: int, norm_tolerance: float = DEFAULT_NORM_TOLERANCE) -> None:
-        try:
-            self.suite = embedding_expectations(dim, norm_tolerance)
-        except ValueError as exc:
-            raise ConfigError(f"validation: {exc}") from exc
+    def __init__(self, suite: SuiteSpec) -> None:
+        self.suite = suite
         self._gx = _GxRuntime.get()
-        self._expectations = self._gx.build(self.suite)
+        self._expectations = self._gx.build(suite)
         # Not added to the context: a suite that is never saved keeps no store or results around.
-        self._gx_suite = self._gx.gx.ExpectationSuite(name=self.suite.name, expectations=self._expectations)
+        self._gx_suite = self._gx.gx.ExpectationSuite(name=suite.name, expectations=self._expectations)
+        self._row_only_suite = self._gx.gx.ExpectationSuite(
+            name=f"{suite.name}.rows",
+            expectations=[e for e, s in zip(self._expectations, suite.specs, strict=True) if s.scope == "row"],
+        )
 
-    @property
-    def checks(self) -> tuple[str, ...]:
-        return self.suite.checks
+    def failures(self, frame: pd.DataFrame, *, batch_checks: bool = True) -> np.ndarray:
+        """GX's verdict as a rows x checks boolean matrix of failures.
 
-    def validate(self, batch: pa.RecordBatch) -> ValidationOutcome:
-        """Validate one batch. Uniqueness is within the batch; all copies of a duplicate fail."""
-        _check_schema(batch.schema)
-        n = batch.num_rows
-        if n == 0:
-            return self._outcome(batch, np.zeros((0, len(self.suite.specs)), dtype=bool), None)
-        facts = _derive(batch)
-        failed = self._run_gx(facts.frame)
-        return self._outcome(batch, failed, facts)
-
-    def _run_gx(self, frame: pd.DataFrame) -> np.ndarray:
-        """GX's verdict as a rows × checks boolean matrix of failures."""
-        failed = np.zeros((len(frame), len(self.suite.specs)), dtype=bool)
+        A failed ``batch``-scope check marks every row. ``batch_checks=False`` leaves those checks
+        out (a batch too small for its mean to mean anything).
+        """
+        specs = self.suite.specs
+        failed = np.zeros((len(frame), len(specs)), dtype=bool)
         with self._gx.lock:
             gx_batch = self._gx.batch_definition.get_batch(batch_parameters={"dataframe": frame})
-            summary = gx_batch.validate(self._gx_suite, result_format="BOOLEAN_ONLY")
+            suite = self._gx_suite if batch_checks else self._row_only_suite
+            summary = gx_batch.validate(suite, result_format="BOOLEAN_ONLY")
             if summary.success:
                 return failed
             column_of = {check: j for j, check in enumerate(self.suite.checks)}
@@ -305,6 +297,9 @@ class EmbeddingValidator:
                 if result.success:
                     continue
                 j = column_of[check]
+                if specs[j].scope == "batch":
+                    failed[:, j] = True
+                    continue
                 detail = gx_batch.validate(self._expectations[j], result_format="COMPLETE")
                 self._raise_if_errored(check, detail)
                 rows = detail.result.get("unexpected_index_list")
@@ -321,16 +316,49 @@ class EmbeddingValidator:
             message = info.get("exception_message") or "unknown error"
             raise SluiceError(f"validation: GX could not evaluate check {check!r}: {message}")
 
+
+def reject_column(rejected_rows: pa.RecordBatch, checks: list[str], reasons: list[str]) -> pa.RecordBatch:
+    """``rejected_rows`` with the ``check`` and ``reason`` columns appended."""
+    return rejected_rows.append_column(
+        pa.field(CHECK_COLUMN, pa.string(), nullable=False), pa.array(checks, type=pa.string())
+    ).append_column(pa.field(REASON_COLUMN, pa.string(), nullable=False), pa.array(reasons, type=pa.string()))
+
+
+class EmbeddingValidator:
+    """Splits embedding output batches into valid and rejected rows.
+
+    Build one per worker process and reuse it: construction builds the GX expectations, and the
+    GX context behind it is shared by every validator in the process.
+    """
+
+    def __init__(self, *, dim: int, norm_tolerance: float = DEFAULT_NORM_TOLERANCE) -> None:
+        try:
+            self.suite = embedding_expectations(dim, norm_tolerance)
+        except ValueError as exc:
+            raise ConfigError(f"validation: {exc}") from exc
+        self._runner = SuiteRunner(self.suite)
+
+    @property
+    def checks(self) -> tuple[str, ...]:
+        return self.suite.checks
+
+    def validate(self, batch: pa.RecordBatch) -> ValidationOutcome:
+        """Validate one batch. Uniqueness is within the batch; all copies of a duplicate fail."""
+        _check_schema(batch.schema)
+        n = batch.num_rows
+        if n == 0:
+            return self._outcome(batch, np.zeros((0, len(self.suite.specs)), dtype=bool), None)
+        facts = _derive(batch)
+        failed = self._runner.failures(facts.frame)
+        return self._outcome(batch, failed, facts)
+
     def _outcome(self, batch: pa.RecordBatch, failed: np.ndarray, facts: _Facts | None) -> ValidationOutcome:
         counts = MappingProxyType({spec.check: int(failed[:, j].sum()) for j, spec in enumerate(self.suite.specs)})
         bad = failed.any(axis=1)
         valid = batch.filter(pa.array(~bad, type=pa.bool_()))
         rejected_rows = batch.filter(pa.array(bad, type=pa.bool_()))
         checks, reasons = self._explain(failed[bad], np.flatnonzero(bad), facts)
-        rejected = rejected_rows.append_column(
-            pa.field(CHECK_COLUMN, pa.string(), nullable=False), pa.array(checks, type=pa.string())
-        ).append_column(pa.field(REASON_COLUMN, pa.string(), nullable=False), pa.array(reasons, type=pa.string()))
-        return ValidationOutcome(valid=valid, rejected=rejected, counts=counts)
+        return ValidationOutcome(valid=valid, rejected=reject_column(rejected_rows, checks, reasons), counts=counts)
 
     def _explain(self, failed: np.ndarray, positions: np.ndarray, facts: _Facts | None) -> tuple[list[str], list[str]]:
         """Check names and rendered reasons of the failing rows only (usually few or none)."""

@@ -1,7 +1,9 @@
-"""Feature definitions for ``feast apply``; the same objects the embedding backfill's sink applies.
+"""Feature definitions for ``feast apply``; the same objects the jobs' sinks apply.
 
-``SLUICE_EMBEDDINGS_TABLE`` points the batch source at the Delta embeddings table (a URI, or a path
-relative to this directory); the vector width is the text encoder's.
+Both views are defined here, because ``feast apply`` removes from the registry whatever this repo no
+longer defines: the backfill's ``item_embeddings`` and the ad-scoring job's ``ad_scores``.
+``SLUICE_EMBEDDINGS_TABLE`` and ``SLUICE_SCORES_TABLE`` point their batch sources at the Delta tables
+(a URI, or a path relative to this directory); the vector width is the text encoder's.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from transforms.sinks.feast_repo import build_definitions
+from transforms.sinks.feast_repo import build_definitions, build_score_definitions
 
 EMBEDDING_DIM = 384
 _HERE = Path(__file__).resolve().parent
@@ -22,8 +24,8 @@ def _is_uri(location: str) -> bool:
     return len(urlparse(location).scheme) > 1  # s3://, gs://, redis://...; not C:\
 
 
-def _embeddings_table() -> str:
-    location = os.environ.get("SLUICE_EMBEDDINGS_TABLE", "../../data/embeddings")
+def _table(variable: str, default: str) -> str:
+    location = os.environ.get(variable, default)
     if _is_uri(location):
         return location
     # Absolute, so the registry names the table the job writes whatever directory reads it later.
@@ -49,4 +51,7 @@ def _make_local_store_dirs() -> None:
 
 
 _make_local_store_dirs()
-item, item_embeddings = build_definitions(embeddings_table_uri=_embeddings_table(), dim=EMBEDDING_DIM)
+item, item_embeddings = build_definitions(
+    embeddings_table_uri=_table("SLUICE_EMBEDDINGS_TABLE", "../../data/embeddings"), dim=EMBEDDING_DIM
+)
+user, ad, ad_scores = build_score_definitions(scores_table_uri=_table("SLUICE_SCORES_TABLE", "../../data/scores"))

@@ -1,15 +1,22 @@
-"""Feast online-store sink of the embedding backfill: a keyed upsert of each item's vector.
+"""Feast online-store sinks: the store's config, the writer every view shares, and the embeddings view.
+
+:class:`FeastViewSink` is one feature view's keyed upsert into a Feast online store; the embedding
+backfill's :class:`FeastOnlineSink` (keyed by ``item_id``) is defined here, the ad-scoring job's
+``FeastScoresSink`` (keyed by ``user_id`` and ``ad_id``) in :mod:`transforms.sinks.feast_scores`.
 
 Writes go straight to Feast's provider (``Provider.online_write_batch``) with protos built from
 Arrow, not through ``FeatureStore.write_to_online_store``: the pandas path costs about four times
-as much per row, and the job's whole Feast write must fit in a tenth of the model's time. Writes
-use the feature view built in code by :mod:`transforms.sinks.feast_repo`, so an executor never
-reads the registry; only :meth:`FeastOnlineSink.apply` and :meth:`FeastOnlineSink.lookup` do.
+as much per row, and the job's whole Feast write must fit in a tenth of the model's time. The Redis
+profile goes further: its store is sluice's :mod:`transforms.sinks.feast_redis_store` (Feast's
+Redis store with a vectorised write; same keys and bytes, so serving clients read it with stock
+``type: redis``), which takes the Arrow rows themselves, so no proto is built per row at all.
+Writes use the feature view built in code by :mod:`transforms.sinks.feast_repo`, so an executor
+never reads the registry; only ``apply`` and ``lookup`` do.
 
-Both adapters are *last write wins* per ``item_id``: SQLite always overwrites, and Redis runs with
+Both adapters are *last write wins* per entity key: SQLite always overwrites, and Redis runs with
 Feast's ``skip_dedup`` so it does too (Feast's default Redis path silently drops a write whose
 event time is not newer than the stored one, which SQLite never does). A replay writes the same
-vectors again, so it is harmless; ordering runs is the scheduler's job, not the store's.
+values again, so it is harmless; ordering writes is the job's business, not the store's.
 
 Importing this module needs neither Feast nor redis: the configs are read by the job's config
 loader on machines that may not have the ``[feast]`` extra.
@@ -17,9 +24,10 @@ loader on machines that may not have the ``[feast]`` extra.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -41,12 +49,12 @@ from transforms.sinks.feast_repo import (
 )
 
 if TYPE_CHECKING:
-    from feast import FeatureStore, RepoConfig
+    from feast import Entity, FeatureStore, FeatureView, RepoConfig
     from feast.infra.provider import Provider
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
     from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
-_COLUMNS = (KEY_COLUMN, *FEATURES, EVENT_TIMESTAMP_COLUMN)
+    from transforms.sinks.feast_redis_store import SluiceRedisOnlineStore
 
 #: Rows per ``online_write_batch`` call. Small enough that a SQLite transaction holds the file lock
 #: for tens of milliseconds (other executors' writers wait, they do not fail) and a Redis pipeline
@@ -56,7 +64,30 @@ WRITE_CHUNK_ROWS = 2_000
 LOOKUP_CHUNK_IDS = 1_000
 
 _DEFAULT_REGISTRY = "data/feast/registry.db"
+#: What the Redis profile's ``type: redis`` becomes in Feast's config: sluice's Redis store (the same
+#: string as ``feast_redis_store.STORE_TYPE``, which cannot be imported here without Feast).
+_SLUICE_REDIS_TYPE = "transforms.sinks.feast_redis_store.SluiceRedisOnlineStore"
 _ONLINE_DB_NAME = "online.db"
+
+
+def _is_string(arrow_type: pa.DataType) -> bool:
+    return bool(pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type))
+
+
+def _is_float32_list(arrow_type: pa.DataType) -> bool:
+    is_list = pa.types.is_fixed_size_list(arrow_type) or pa.types.is_list(arrow_type)
+    return bool((is_list or pa.types.is_large_list(arrow_type)) and pa.types.is_float32(arrow_type.value_type))
+
+
+#: The input column types the sinks accept, by the name messages give them.
+_ACCEPTED_TYPES: dict[str, Callable[[pa.DataType], bool]] = {
+    "string": _is_string,
+    "float32": pa.types.is_float32,
+    "a list of float32": _is_float32_list,
+    "int32": pa.types.is_integer,
+    "int64": pa.types.is_integer,
+    "timestamp": pa.types.is_timestamp,
+}
 
 
 class SqliteOnlineStoreConfig(BaseModel):
@@ -98,7 +129,7 @@ def _default_online_store(registry: str) -> SqliteOnlineStoreConfig:
 
 
 class FeastConfig(BaseModel):
-    """Where the embeddings go online. The defaults match ``infra/feast`` run from the repo root.
+    """Where features go online. The defaults match ``infra/feast`` run from the repo root.
 
     When ``online_store`` is left out it is a SQLite file next to the registry, so pointing the
     registry at a directory is all a local setup needs.
@@ -114,8 +145,11 @@ class FeastConfig(BaseModel):
     online_store: OnlineStoreConfig = Field(
         default_factory=lambda data: _default_online_store(data.get("registry", _DEFAULT_REGISTRY))
     )
+    #: The embeddings view (the backfill) and its entity.
     entity: str = Field(default="item", pattern=_NAME_PATTERN)
     feature_view: str = Field(default="item_embeddings", pattern=_NAME_PATTERN)
+    #: The scores view (the ad-scoring job); its entities are always ``user`` and ``ad``.
+    scores_feature_view: str = Field(default="ad_scores", pattern=_NAME_PATTERN)
 
     @classmethod
     def local(cls, data_dir: str | Path, **overrides: Any) -> FeastConfig:
@@ -127,6 +161,12 @@ class FeastConfig(BaseModel):
         }
         fields.update(overrides)
         return cls.model_validate(fields)
+
+    @classmethod
+    def next_to(cls, table_uri: str, **overrides: Any) -> FeastConfig:
+        """:meth:`local` beside a job's target table (``data/`` for a remote one): where the CLI's
+        jobs keep Feast unless their config says otherwise."""
+        return cls.local(Path("data") if _is_uri(table_uri) else Path(table_uri).parent, **overrides)
 
 
 def _is_uri(location: str) -> bool:
@@ -152,6 +192,16 @@ def _redis_address(connection_string: str) -> str:
     return ",".join(node for node in nodes if node) or "(no host:port in connection_string)"
 
 
+def protobuf_varint(n: int) -> bytes:
+    """Protobuf's base-128 varint of a non-negative int: how the wire format writes lengths."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 def _float_list_prefix(dim: int) -> bytes:
     """Wire-format header of ``Value{float_list_val: FloatList{val: [dim floats]}}``.
 
@@ -159,70 +209,89 @@ def _float_list_prefix(dim: int) -> bytes:
     this plus the vector's raw little-endian bytes; parsing that is a memcpy, where building the
     repeated field from Python floats costs most of the write (0.25 s vs 0.03 s for 20k x 384).
     """
-
-    def varint(n: int) -> bytes:
-        out = bytearray()
-        while True:
-            low, n = n & 0x7F, n >> 7
-            if n:
-                out.append(low | 0x80)
-            else:
-                out.append(low)
-                return bytes(out)
-
-    packed = b"\x0a" + varint(4 * dim)  # FloatList.val: field 1, length-delimited (packed)
-    return b"\x82\x01" + varint(len(packed) + 4 * dim) + packed  # Value.float_list_val: field 16
+    packed = b"\x0a" + protobuf_varint(4 * dim)  # FloatList.val: field 1, length-delimited (packed)
+    return b"\x82\x01" + protobuf_varint(len(packed) + 4 * dim) + packed  # Value.float_list_val: field 16
 
 
 class _Feast:
     """The live Feast objects of one process; never pickled, rebuilt lazily after unpickling."""
 
-    def __init__(self, repo_config: RepoConfig, embeddings_table_uri: str, dim: int, cfg: FeastConfig) -> None:
+    def __init__(self, repo_config: RepoConfig, entities: Sequence[Entity], view: FeatureView) -> None:
         from feast import FeatureStore
 
         self.repo_config = repo_config
         self.store: FeatureStore = FeatureStore(config=repo_config)
-        self.entity, self.view = build_definitions(
-            embeddings_table_uri=embeddings_table_uri,
-            dim=dim,
-            entity_name=cfg.entity,
-            feature_view_name=cfg.feature_view,
-        )
+        self.entities = list(entities)
+        self.view = view
+        #: The store when it takes Arrow rows directly (sluice's Redis store); else rows go as protos.
+        self.arrow_store: SluiceRedisOnlineStore | None = None
+        if repo_config.online_store.type == _SLUICE_REDIS_TYPE:
+            from transforms.sinks.feast_redis_store import SluiceRedisOnlineStore
+
+            store = self.provider.online_store
+            self.arrow_store = store if isinstance(store, SluiceRedisOnlineStore) else None
 
     @property
     def provider(self) -> Provider:
         return self.store.provider
 
 
-class FeastOnlineSink:
-    """Upserts embeddings into a Feast online store, keyed by ``item_id``.
+#: One row as ``Provider.online_write_batch`` takes it: key, features, event time, created time.
+OnlineRow = tuple["EntityKeyProto", dict[str, "ValueProto"], datetime, datetime | None]
+
+
+class FeastViewSink(abc.ABC):
+    """Keyed upserts of one feature view into a Feast online store: what every sluice sink shares.
+
+    A subclass names its view (join keys, features, the definitions from
+    :mod:`transforms.sinks.feast_repo`), checks its input and turns Arrow rows into protos; the
+    base owns the store: its config and reachability, registration, chunked writes through the
+    provider, lookups as a serving client makes them, and one-line errors.
 
     Cheap to build and to pickle: Feast itself is imported and connected on first use, once per
     process, so a Spark executor can receive the sink in a closure (or build it per worker) and
     reuse one connection across partitions.
     """
 
+    #: The view's join keys, in the order :meth:`_lookup_rows` takes key tuples.
+    join_keys: tuple[str, ...]
+    #: The view's features, in the order lookups return them; a row lacking the first is absent.
+    features: tuple[str, ...]
+    #: What input batches must follow, as error messages name it.
+    input_contract: str
+
     def __init__(
-        self,
-        config: FeastConfig,
-        *,
-        embeddings_table_uri: str,
-        dim: int,
-        write_chunk_rows: int = WRITE_CHUNK_ROWS,
+        self, config: FeastConfig, *, table_uri: str, feature_view: str, write_chunk_rows: int = WRITE_CHUNK_ROWS
     ) -> None:
-        if dim <= 0:
-            raise SinkError(f"Feast sink needs a positive embedding dimension, got {dim}")
         if write_chunk_rows <= 0:
             raise SinkError(f"Feast sink write_chunk_rows must be positive, got {write_chunk_rows}")
         store = config.online_store
         if isinstance(store, SqliteOnlineStoreConfig):
             store = store.model_copy(update={"path": _absolute(store.path)})
         self._config = config.model_copy(update={"registry": _absolute(config.registry), "online_store": store})
-        self._table_uri = embeddings_table_uri
-        self._dim = dim
+        self._table_uri = table_uri
+        self._view_name = feature_view
         self._chunk_rows = write_chunk_rows
-        self._vector_prefix = _float_list_prefix(dim)
         self._feast: _Feast | None = None
+
+    # -- what a view supplies ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _definitions(self) -> tuple[list[Entity], FeatureView]:
+        """The view's entities and feature view, from :mod:`transforms.sinks.feast_repo`."""
+
+    @abc.abstractmethod
+    def _prepared(self, batch: pa.RecordBatch | pa.Table) -> pa.RecordBatch | pa.Table:
+        """The rows to write, once all of ``batch`` is known to be writable (else a SinkError).
+
+        Their columns are named as the view's join keys, features and timestamp field: sluice's Redis
+        store writes them as they are.
+        """
+
+    @abc.abstractmethod
+    def _to_protos(self, chunk: pa.RecordBatch) -> list[OnlineRow]:
+        """The rows of one chunk of :meth:`_prepared`'s output as the provider takes them (every
+        store but sluice's Redis one, which takes the chunk itself)."""
 
     # -- pickling: ship the config, never the connections -------------------------------------
 
@@ -235,6 +304,11 @@ class FeastOnlineSink:
         self.__dict__.update(state)
 
     # -- public API -----------------------------------------------------------------------------
+
+    @property
+    def config(self) -> FeastConfig:
+        """The configuration this sink writes with (paths made absolute on the driver)."""
+        return self._config
 
     @property
     def store_description(self) -> str:
@@ -251,8 +325,9 @@ class FeastOnlineSink:
         store = self._config.online_store
         online: dict[str, Any]
         if isinstance(store, RedisOnlineStoreConfig):
-            # skip_dedup: last write wins, like SQLite, and one round trip instead of two.
-            online = {"type": "redis", "connection_string": store.connection_string, "skip_dedup": True}
+            # sluice's Redis store: Feast's, with a vectorised write of the same bytes. skip_dedup:
+            # last write wins, like SQLite, and one round trip instead of two.
+            online = {"type": _SLUICE_REDIS_TYPE, "connection_string": store.connection_string, "skip_dedup": True}
         else:
             online = {"type": "sqlite", "path": store.path}
         return RepoConfig(
@@ -277,62 +352,126 @@ class FeastOnlineSink:
                 _ping_redis(store.connection_string)
 
     def apply(self) -> None:
-        """Register the entity and feature view, create the store's tables, and prove it answers.
+        """Register the entities and feature view, create the store's tables, and prove it answers.
 
         Idempotent; must finish before the first :meth:`write`. Includes :meth:`check_reachable`.
         """
         self.check_reachable()
         feast = self._live()
         with self._translate_errors("registering the feature view"):
-            feast.store.apply([feast.entity, feast.view], partial=True)
+            feast.store.apply([*feast.entities, feast.view], partial=True)
         with self._translate_errors("reading back from the store"):
-            probe = self._entity_key("__sluice_connectivity_probe__")
-            feast.provider.online_read(feast.repo_config, feast.view, [probe], [MODEL_VERSION_FEATURE])
+            probe = self._entity_key(["__sluice_connectivity_probe__"] * len(self.join_keys))
+            feast.provider.online_read(feast.repo_config, feast.view, [probe], [self.features[0]])
 
     def write(self, batch: pa.RecordBatch | pa.Table) -> int:
-        """Upsert every row of ``batch`` (embeddings schema); returns the number of rows written."""
+        """Upsert the rows of ``batch``; returns the number of rows written to the store."""
         if batch.num_rows == 0:
             return 0
-        columns = self._check_input(batch)
+        rows_to_write = self._prepared(batch)
         feast = self._live()
         written = 0
-        for chunk in _chunks(batch, self._chunk_rows):
-            rows = self._to_protos(chunk, columns)
+        for chunk in _chunks(rows_to_write, self._chunk_rows):
+            if feast.arrow_store is not None:
+                with self._translate_errors("writing"):
+                    feast.arrow_store.online_write_arrow(feast.repo_config, feast.view, chunk)
+                written += chunk.num_rows
+                continue
+            rows = self._to_protos(chunk)
             with self._translate_errors("writing"):
                 feast.provider.online_write_batch(feast.repo_config, feast.view, rows, progress=None)
             written += len(rows)
         return written
 
-    def lookup(self, ids: Sequence[str]) -> list[dict[str, Any] | None]:
-        """The stored row of each id, in order; ``None`` where the store has nothing for the id.
+    # -- for subclasses ---------------------------------------------------------------------------
+
+    def _lookup_rows(
+        self, keys: Sequence[Sequence[str]], *, timestamp_column: str | None = None
+    ) -> list[dict[str, Any] | None]:
+        """The stored row of each key (its values in :attr:`join_keys` order), in order; ``None``
+        where the store has nothing for it.
 
         Goes through ``get_online_features`` and hence the registry, exactly as a serving client
-        would, so it checks what users will read rather than what the sink meant to write.
+        would, so it checks what users will read rather than what the sink meant to write. Rows hold
+        the join keys, then the features; with ``timestamp_column``, also the row's event time, in
+        whole seconds (all Feast's SQLite store keeps, and what its ``to_dict`` serves from Redis).
         """
-        if isinstance(ids, str):
-            raise TypeError("lookup takes a sequence of ids, not one id string")
         feast = self._live()
-        refs = [f"{self._config.feature_view}:{name}" for name in FEATURES]
+        refs = [f"{self._view_name}:{name}" for name in self.features]
         out: list[dict[str, Any] | None] = []
-        for start in range(0, len(ids), LOOKUP_CHUNK_IDS):
-            chunk = [str(i) for i in ids[start : start + LOOKUP_CHUNK_IDS]]
+        for start in range(0, len(keys), LOOKUP_CHUNK_IDS):
+            chunk = keys[start : start + LOOKUP_CHUNK_IDS]
+            entity_rows = {name: [str(key[i]) for key in chunk] for i, name in enumerate(self.join_keys)}
             with self._translate_errors("looking up features"):
-                found = feast.store.get_online_features(features=refs, entity_rows={KEY_COLUMN: chunk})
+                found = feast.store.get_online_features(features=refs, entity_rows=entity_rows)
                 columns = found.to_dict()
-            for pos, item_id in enumerate(chunk):
-                vector = columns[VECTOR_COLUMN][pos]
-                if vector is None:
+            present = columns[self.features[0]]
+            stamps = None
+            if timestamp_column is not None:
+                names = list(found.proto.metadata.feature_names.val)
+                stamps = found.proto.results[names.index(self.features[0])].event_timestamps
+            for pos in range(len(chunk)):
+                if present[pos] is None:
                     out.append(None)
                     continue
-                out.append(
-                    {
-                        KEY_COLUMN: item_id,
-                        VECTOR_COLUMN: [float(x) for x in vector],
-                        MODEL_VERSION_FEATURE: columns[MODEL_VERSION_FEATURE][pos],
-                        SOURCE_VERSION_FEATURE: columns[SOURCE_VERSION_FEATURE][pos],
-                    }
-                )
+                row: dict[str, Any] = {name: entity_rows[name][pos] for name in self.join_keys}
+                row.update({name: columns[name][pos] for name in self.features})
+                if stamps is not None and timestamp_column is not None:
+                    # Whole seconds from every store: Feast's SQLite store keeps no more.
+                    row[timestamp_column] = datetime.fromtimestamp(stamps[pos].seconds, UTC)
+                out.append(row)
         return out
+
+    def _check_columns(self, batch: pa.RecordBatch | pa.Table, expected: dict[str, str]) -> None:
+        """Fail unless ``batch`` has each expected column (name: type, as ``_ACCEPTED_TYPES`` names
+        it), of an accepted type, without nulls.
+
+        Checked up front, not per chunk, so a bad row fails the write before any row of it is sent.
+        """
+        schema = batch.schema
+        missing = [name for name in expected if name not in schema.names]
+        if missing:
+            raise self._input_error(f"lacks column(s) {', '.join(missing)}")
+        for name, wanted in expected.items():
+            actual = schema.field(name).type
+            if not _ACCEPTED_TYPES[wanted](actual):
+                raise self._input_error(f"has {name} of type {actual}, not {wanted}")
+        for name in expected:
+            if batch.column(name).null_count:
+                raise self._input_error(f"has nulls in {name} (such rows belong in the quarantine table)")
+
+    def _input_error(self, what: str) -> SinkError:
+        return SinkError(
+            f"Feast online store {self.store_description}: input batch {what}; it must follow {self.input_contract}"
+        )
+
+    def _entity_key(self, values: Sequence[str]) -> EntityKeyProto:
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+        from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+
+        return EntityKeyProto(
+            join_keys=list(self.join_keys), entity_values=[ValueProto(string_val=value) for value in values]
+        )
+
+    @staticmethod
+    def _interned(column: pa.Array, field: str) -> list[ValueProto]:
+        """One ``Value`` proto per distinct value, shared by every row that has it.
+
+        A batch has one model version (and one source version or scoring time), so a handful of
+        protos serve all rows, and the per-row cost is a list lookup done in C.
+        """
+        from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+
+        encoded = pc.dictionary_encode(column)
+        protos = [ValueProto(**{field: value}) for value in encoded.dictionary.to_pylist()]
+        return list(map(protos.__getitem__, encoded.indices.to_pylist()))
+
+    @staticmethod
+    def _utc_datetimes(column: pa.Array) -> list[datetime]:
+        """Aware UTC datetimes, built once per distinct value (naive ones are UTC by the schemas)."""
+        encoded = pc.dictionary_encode(column)
+        stamps = [_as_utc(ts) for ts in encoded.dictionary.to_pylist()]
+        return list(map(stamps.__getitem__, encoded.indices.to_pylist()))
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -340,7 +479,7 @@ class FeastOnlineSink:
         if self._feast is None:
             try:
                 with self._translate_errors("configuring Feast"):
-                    self._feast = _Feast(self.repo_config(), self._table_uri, self._dim, self._config)
+                    self._feast = _Feast(self.repo_config(), *self._definitions())
             except SinkError as exc:
                 if isinstance(exc.__cause__, ImportError):
                     raise SinkError(
@@ -367,85 +506,6 @@ class FeastOnlineSink:
                     f"{location} ({exc.strerror}): fix feast.registry / feast.online_store.path"
                 ) from exc
 
-    def _entity_key(self, item_id: str) -> EntityKeyProto:
-        from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
-        from feast.protos.feast.types.Value_pb2 import Value as ValueProto
-
-        return EntityKeyProto(join_keys=[KEY_COLUMN], entity_values=[ValueProto(string_val=item_id)])
-
-    def _check_input(self, batch: pa.RecordBatch | pa.Table) -> dict[str, int]:
-        """Column indexes by name, once the whole batch is known to be writable.
-
-        Checked up front, not per chunk, so a bad row fails the write before any row of it is sent.
-        """
-
-        def fail(what: str) -> SinkError:
-            return SinkError(
-                f"Feast online store {self.store_description}: input batch {what}; "
-                f"it must follow schemas.embeddings.embeddings_schema({self._dim})"
-            )
-
-        schema = batch.schema
-        missing = [name for name in _COLUMNS if name not in schema.names]
-        if missing:
-            raise fail(f"lacks column(s) {', '.join(missing)}")
-        types = {name: schema.field(name).type for name in _COLUMNS}
-        for name in (KEY_COLUMN, MODEL_VERSION_FEATURE):
-            if not (pa.types.is_string(types[name]) or pa.types.is_large_string(types[name])):
-                raise fail(f"has {name} of type {types[name]}, not string")
-        vector_type = types[VECTOR_COLUMN]
-        if not (
-            pa.types.is_fixed_size_list(vector_type)
-            or pa.types.is_list(vector_type)
-            or pa.types.is_large_list(vector_type)
-        ) or not pa.types.is_float32(vector_type.value_type):
-            raise fail(f"has {VECTOR_COLUMN} of type {vector_type}, not a list of float32")
-        if pa.types.is_fixed_size_list(vector_type) and vector_type.list_size != self._dim:
-            raise fail(f"has {vector_type.list_size}-d vectors, not {self._dim}-d")
-        if not pa.types.is_integer(types[SOURCE_VERSION_FEATURE]):
-            raise fail(f"has {SOURCE_VERSION_FEATURE} of type {types[SOURCE_VERSION_FEATURE]}, not int64")
-        if not pa.types.is_timestamp(types[EVENT_TIMESTAMP_COLUMN]):
-            raise fail(f"has {EVENT_TIMESTAMP_COLUMN} of type {types[EVENT_TIMESTAMP_COLUMN]}, not timestamp")
-        for name in _COLUMNS:
-            if batch.column(name).null_count:
-                raise fail(f"has nulls in {name} (such rows belong in the quarantine table)")
-        if not pa.types.is_fixed_size_list(vector_type):
-            lengths = np.asarray(pc.list_value_length(batch.column(VECTOR_COLUMN)))
-            bad = np.flatnonzero(lengths != self._dim)
-            if bad.size:
-                raise fail(f"row {int(bad[0])} has a {int(lengths[bad[0]])}-d vector, expected {self._dim}-d")
-        return {name: schema.get_field_index(name) for name in _COLUMNS}
-
-    def _to_protos(
-        self, chunk: pa.RecordBatch, columns: dict[str, int]
-    ) -> list[tuple[EntityKeyProto, dict[str, ValueProto], datetime, datetime | None]]:
-        from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
-        from feast.protos.feast.types.Value_pb2 import Value as ValueProto
-
-        vectors = self._vectors(chunk.column(columns[VECTOR_COLUMN]))
-        ids = chunk.column(columns[KEY_COLUMN]).to_pylist()
-        times = [_as_utc(ts) for ts in chunk.column(columns[EVENT_TIMESTAMP_COLUMN]).to_pylist()]
-        # One run has one model version and one source version, so a handful of protos serve all rows.
-        model_versions = _interned(chunk.column(columns[MODEL_VERSION_FEATURE]).to_pylist(), "string_val")
-        source_versions = _interned(chunk.column(columns[SOURCE_VERSION_FEATURE]).to_pylist(), "int64_val")
-        prefix = self._vector_prefix
-        rows: list[tuple[EntityKeyProto, dict[str, ValueProto], datetime, datetime | None]] = []
-        for i, item_id in enumerate(ids):
-            key = EntityKeyProto(join_keys=[KEY_COLUMN], entity_values=[ValueProto(string_val=item_id)])
-            values = {
-                VECTOR_COLUMN: ValueProto.FromString(prefix + vectors[i].tobytes()),
-                MODEL_VERSION_FEATURE: model_versions[i],
-                SOURCE_VERSION_FEATURE: source_versions[i],
-            }
-            rows.append((key, values, times[i], None))
-        return rows
-
-    def _vectors(self, column: pa.Array) -> np.ndarray:
-        """The vectors as one little-endian float32 ``(rows, dim)`` matrix, without Python floats."""
-        # flatten() honours the slice offset of a chunk, unlike .values.
-        flat = np.asarray(column.flatten(), dtype="<f4")
-        return flat.reshape(len(column), self._dim)
-
     @contextlib.contextmanager
     def _translate_errors(self, doing: str) -> Iterator[None]:
         try:
@@ -458,6 +518,7 @@ class FeastOnlineSink:
     def _sink_error(self, doing: str, exc: Exception) -> SinkError:
         where = f"Feast online store {self.store_description}"
         detail = f"{type(exc).__name__}: {exc}"
+        apply_first = f"call {type(self).__name__}.apply() first"
         store = self._config.online_store
         if isinstance(store, RedisOnlineStoreConfig):
             redis_exceptions = _redis_exceptions()
@@ -475,17 +536,114 @@ class FeastOnlineSink:
                 )
         if isinstance(exc, sqlite3.OperationalError) and "no such table" in str(exc):
             return SinkError(
-                f"{where} has no table for feature view {self._config.feature_view} ({exc}): call "
-                "FeastOnlineSink.apply() first (or run feast apply in infra/feast)"
+                f"{where} has no table for feature view {self._view_name} ({exc}): {apply_first} "
+                "(or run feast apply in infra/feast)"
             )
         if isinstance(exc, sqlite3.Error):
             return SinkError(f"{where} failed while {doing} ({detail}): check the file is writable and not corrupt")
         if _is_feast_not_found(exc):
             return SinkError(
-                f"{where}: feature view {self._config.feature_view} is not in registry "
-                f"{self._config.registry} ({detail}): call FeastOnlineSink.apply() first"
+                f"{where}: feature view {self._view_name} is not in registry "
+                f"{self._config.registry} ({detail}): {apply_first}"
             )
         return SinkError(f"{where} failed while {doing} ({detail})")
+
+
+class FeastOnlineSink(FeastViewSink):
+    """Upserts embeddings into a Feast online store, keyed by ``item_id`` (the embedding backfill)."""
+
+    join_keys = (KEY_COLUMN,)
+    features = FEATURES
+
+    def __init__(
+        self,
+        config: FeastConfig,
+        *,
+        embeddings_table_uri: str,
+        dim: int,
+        write_chunk_rows: int = WRITE_CHUNK_ROWS,
+    ) -> None:
+        if dim <= 0:
+            raise SinkError(f"Feast sink needs a positive embedding dimension, got {dim}")
+        super().__init__(
+            config,
+            table_uri=embeddings_table_uri,
+            feature_view=config.feature_view,
+            write_chunk_rows=write_chunk_rows,
+        )
+        self._dim = dim
+        self._vector_prefix = _float_list_prefix(dim)
+        self.input_contract = f"schemas.embeddings.embeddings_schema({dim})"
+
+    def lookup(self, ids: Sequence[str]) -> list[dict[str, Any] | None]:
+        """The stored row of each id, in order; ``None`` where the store has nothing for the id."""
+        if isinstance(ids, str):
+            raise TypeError("lookup takes a sequence of ids, not one id string")
+        rows = self._lookup_rows([(item_id,) for item_id in ids])
+        for row in rows:
+            if row is not None:
+                row[VECTOR_COLUMN] = [float(x) for x in row[VECTOR_COLUMN]]
+        return rows
+
+    def _definitions(self) -> tuple[list[Entity], FeatureView]:
+        entity, view = build_definitions(
+            embeddings_table_uri=self._table_uri,
+            dim=self._dim,
+            entity_name=self._config.entity,
+            feature_view_name=self._view_name,
+        )
+        return [entity], view
+
+    def _prepared(self, batch: pa.RecordBatch | pa.Table) -> pa.RecordBatch | pa.Table:
+        self._check_columns(
+            batch,
+            {
+                KEY_COLUMN: "string",
+                VECTOR_COLUMN: "a list of float32",
+                MODEL_VERSION_FEATURE: "string",
+                SOURCE_VERSION_FEATURE: "int64",
+                EVENT_TIMESTAMP_COLUMN: "timestamp",
+            },
+        )
+        vector_type = batch.schema.field(VECTOR_COLUMN).type
+        if pa.types.is_fixed_size_list(vector_type):
+            if vector_type.list_size != self._dim:
+                raise self._input_error(f"has {vector_type.list_size}-d vectors, not {self._dim}-d")
+        else:
+            lengths = np.asarray(pc.list_value_length(batch.column(VECTOR_COLUMN)))
+            bad = np.flatnonzero(lengths != self._dim)
+            if bad.size:
+                raise self._input_error(
+                    f"row {int(bad[0])} has a {int(lengths[bad[0]])}-d vector, expected {self._dim}-d"
+                )
+        return batch
+
+    def _to_protos(self, chunk: pa.RecordBatch) -> list[OnlineRow]:
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+        from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+
+        vectors = self._vectors(chunk.column(VECTOR_COLUMN))
+        ids = chunk.column(KEY_COLUMN).to_pylist()
+        times = self._utc_datetimes(chunk.column(EVENT_TIMESTAMP_COLUMN))
+        model_versions = self._interned(chunk.column(MODEL_VERSION_FEATURE), "string_val")
+        source_versions = self._interned(chunk.column(SOURCE_VERSION_FEATURE), "int64_val")
+        prefix = self._vector_prefix
+        rows: list[OnlineRow] = []
+        for i, item_id in enumerate(ids):
+            key = EntityKeyProto(join_keys=[KEY_COLUMN], entity_values=[ValueProto(string_val=item_id)])
+            values = {
+                VECTOR_COLUMN: ValueProto.FromString(prefix + vectors[i].tobytes()),
+                MODEL_VERSION_FEATURE: model_versions[i],
+                SOURCE_VERSION_FEATURE: source_versions[i],
+            }
+            rows.append((key, values, times[i], None))
+        return rows
+
+    def _vectors(self, column: pa.Array) -> np.ndarray:
+        """The vectors as one little-endian float32 ``(rows, dim)`` matrix, without Python floats."""
+        # flatten() honours the slice offset of a chunk, unlike .values.
+        flat = np.asarray(column.flatten(), dtype="<f4")
+        return flat.reshape(len(column), self._dim)
 
 
 def _chunks(batch: pa.RecordBatch | pa.Table, rows: int) -> Iterator[pa.RecordBatch]:
@@ -494,19 +652,6 @@ def _chunks(batch: pa.RecordBatch | pa.Table, rows: int) -> Iterator[pa.RecordBa
     for part in batches:
         for start in range(0, part.num_rows, rows):
             yield part.slice(start, rows)
-
-
-def _interned(values: list[Any], field: str) -> list[ValueProto]:
-    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
-
-    protos: dict[Any, ValueProto] = {}
-    out: list[ValueProto] = []
-    for value in values:
-        proto = protos.get(value)
-        if proto is None:
-            proto = protos[value] = ValueProto(**{field: value})
-        out.append(proto)
-    return out
 
 
 def _as_utc(ts: datetime) -> datetime:

@@ -132,6 +132,20 @@ def ensure_embeddings_table(spark: SparkSession, uri: str, dim: int) -> None:
         spark.sql(f"ALTER TABLE {_quoted(uri)} ADD CONSTRAINT {name} CHECK ({expr})")
 
 
+def remove_if_empty(uri: str) -> bool:
+    """Delete the local Delta table at ``uri`` if it holds no data files (a target this run created
+    but never published to). Object stores are left alone: an empty table there is harmless and
+    deleting prefixes is not this job's business. Returns whether it removed anything."""
+    import shutil
+
+    if "://" in uri and not uri.startswith("file://"):
+        return False
+    if not holds_no_rows(uri):
+        return False
+    shutil.rmtree(uri.removeprefix("file://"), ignore_errors=True)
+    return True
+
+
 def holds_no_rows(uri: str, storage_options: dict[str, str] | None = None) -> bool:
     """True when the Delta table at ``uri`` exists and its latest snapshot has no data files.
 
@@ -192,13 +206,23 @@ def merge_embeddings(
         merge.execute()
 
 
-def append_idempotent(df: DataFrame, uri: str, *, app_id: str, version: int, user_metadata: str) -> None:
+def append_idempotent(
+    df: DataFrame,
+    uri: str,
+    *,
+    app_id: str,
+    version: int,
+    user_metadata: str,
+    partition_by: tuple[str, ...] = (),
+) -> None:
     """Append ``df`` to the Delta table at ``uri`` (created if missing), once per (app_id, version)."""
-    (
+    writer = (
         df.write.format("delta")
         .mode("append")
         .option("txnAppId", app_id)
         .option("txnVersion", str(version))
         .option("userMetadata", user_metadata)
-        .save(uri)
     )
+    if partition_by:
+        writer = writer.partitionBy(*partition_by)
+    writer.save(uri)

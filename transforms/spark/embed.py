@@ -91,19 +91,3 @@ def make_embed_fn(
             stats.add({k: getattr(total, k) for k in total.__dataclass_fields__})
 
     return embed_partition
-
-
-def stats_accumulator_param() -> Any:
-    """An AccumulatorParam summing dicts of numbers: per-task EncodeStats reach the driver."""
-    from pyspark.accumulators import AccumulatorParam
-
-    class _DictSum(AccumulatorParam):  # type: ignore[type-arg]
-        def zero(self, value: dict[str, float]) -> dict[str, float]:
-            return {}
-
-        def addInPlace(self, a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
-            for k, v in b.items():
-                a[k] = a.get(k, 0) + v
-            return a
-
-    return _DictSum()

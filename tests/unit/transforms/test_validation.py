@@ -366,7 +366,7 @@ def test_gx_runtime_is_shared_and_not_growing() -> None:
     first = EmbeddingValidator(dim=DIM)
     second = EmbeddingValidator(dim=16, norm_tolerance=1e-2)
     runtime = _GxRuntime.get()
-    assert first._gx is runtime and second._gx is runtime
+    assert first._runner._gx is runtime and second._runner._gx is runtime
     for _ in range(3):
         first.validate(to_batch(make_rows(5)))
     assert len(runtime.context.data_sources.all()) == 1

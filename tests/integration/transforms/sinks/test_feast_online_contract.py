@@ -1,8 +1,10 @@
-"""Contract of the Feast online sink, run unchanged against every online store it supports.
+"""Contract of the Feast online sinks, run unchanged against every online store they support.
 
-Each test states one promise the embedding backfill relies on (exact vectors, idempotent upserts,
-ordered lookups with holes for unknown ids, a clear error when the store is down) and must hold for
-SQLite and Redis alike, as Feast's own universal online-store tests do.
+Each test states one promise a job relies on and must hold for SQLite and Redis alike, as Feast's
+own universal online-store tests do. The embedding backfill's sink: exact vectors, idempotent
+upserts, ordered lookups with holes for unknown ids. The ad-scoring job's sink: exact scores and
+model versions, the latest score per (user, ad) within a batch and across batches, harmless
+replays, holes for unknown pairs. Both: a clear one-line error when the store is down or unapplied.
 """
 
 from __future__ import annotations
@@ -15,25 +17,34 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from schemas.embeddings import embeddings_schema, embeddings_storage_schema
+from schemas.scores import SCORES_SCHEMA
 from transforms.errors import SinkError
 from transforms.sinks.feast_online import (
     WRITE_CHUNK_ROWS,
     FeastConfig,
     FeastOnlineSink,
+    FeastViewSink,
     RedisOnlineStoreConfig,
     _float_list_prefix,
 )
+from transforms.sinks.feast_scores import FeastScoresSink
 
 DIM = 16
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+#: Recent (the scores view has a TTL), with microseconds, which lookups drop: Feast's SQLite store
+#: keeps event times in whole seconds, and both stores must serve the same.
+SCORED_AT = datetime.now(UTC).replace(microsecond=654321)
 
 SinkFactory = Callable[..., FeastOnlineSink]
+ScoresSinkFactory = Callable[..., FeastScoresSink]
+ViewSink = TypeVar("ViewSink", bound=FeastViewSink)
 
 
 def _batch(
@@ -87,8 +98,9 @@ def _assert_rows(found: list[dict[str, object] | None], ids: list[str], vectors:
             assert row[key] == value, (item_id, key)
 
 
-def _stored_item_count(sink: FeastOnlineSink, config: FeastConfig) -> int:
-    """How many distinct items the store holds for this project: duplicates would show up here."""
+def _stored_item_count(sink: FeastViewSink, config: FeastConfig) -> int:
+    """How many distinct entity keys the store holds for this project (one view per test's project):
+    duplicates would show up here."""
     store = config.online_store
     if isinstance(store, RedisOnlineStoreConfig):
         import redis
@@ -96,9 +108,9 @@ def _stored_item_count(sink: FeastOnlineSink, config: FeastConfig) -> int:
         host, port = store.connection_string.split(":")
         client = redis.Redis(host=host, port=int(port))
         return sum(1 for _ in client.scan_iter(match=b"*" + config.project.encode()))
+    view = config.scores_feature_view if isinstance(sink, FeastScoresSink) else config.feature_view
     with sqlite3.connect(store.path) as conn:
-        table = f"{config.project}_{config.feature_view}"
-        (count,) = conn.execute(f'SELECT COUNT(DISTINCT entity_key) FROM "{table}"').fetchone()
+        (count,) = conn.execute(f'SELECT COUNT(DISTINCT entity_key) FROM "{config.project}_{view}"').fetchone()
     return int(count)
 
 
@@ -127,11 +139,14 @@ def make_sink(store_config: FeastConfig, tmp_path: Path) -> Iterator[SinkFactory
     yield make
 
 
+def _applied(sink: ViewSink) -> ViewSink:
+    sink.apply()
+    return sink
+
+
 @pytest.fixture
 def sink(make_sink: SinkFactory) -> FeastOnlineSink:
-    applied = make_sink()
-    applied.apply()
-    return applied
+    return _applied(make_sink())
 
 
 @pytest.mark.parametrize("fixed", [True, False], ids=["fixed_size_list", "list"])
@@ -291,11 +306,27 @@ def _closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _sink_of_kind(kind: str, config: FeastConfig, tmp_path: Path) -> FeastViewSink:
+    if kind == "scores":
+        return FeastScoresSink(config, scores_table_uri=str(tmp_path / "scores"))
+    return FeastOnlineSink(config, embeddings_table_uri=str(tmp_path / "embeddings"), dim=DIM)
+
+
+def _one_row_of_kind(kind: str) -> pa.Table:
+    if kind == "scores":
+        return _score_rows([("user-0", "ad-0")], [7])
+    return _batch(_ids(1), _vectors(1, seed=14))
+
+
+SINK_KINDS = pytest.mark.parametrize("kind", ["embeddings", "scores"])
+
+
 @pytest.mark.redis
-def test_unreachable_redis_fails_apply_at_once_with_a_one_line_sink_error(tmp_path: Path) -> None:
+@SINK_KINDS
+def test_unreachable_redis_fails_apply_at_once_with_a_one_line_sink_error(tmp_path: Path, kind: str) -> None:
     address = f"127.0.0.1:{_closed_port()}"
     config = FeastConfig.local(tmp_path, online_store={"type": "redis", "connection_string": address})
-    down = FeastOnlineSink(config, embeddings_table_uri=str(tmp_path / "embeddings"), dim=DIM)
+    down = _sink_of_kind(kind, config, tmp_path)
 
     started = time.monotonic()
     with pytest.raises(SinkError) as error:
@@ -339,14 +370,15 @@ def test_check_reachable_fails_fast_without_importing_feast(tmp_path: Path) -> N
 
 
 @pytest.mark.redis
-def test_unreachable_redis_fails_write_with_a_one_line_sink_error(tmp_path: Path) -> None:
+@SINK_KINDS
+def test_unreachable_redis_fails_write_with_a_one_line_sink_error(tmp_path: Path, kind: str) -> None:
     address = f"127.0.0.1:{_closed_port()}"
     # retry=null turns off redis-py's back-off (seconds per attempt); the error path is the same.
     config = FeastConfig.local(tmp_path, online_store={"type": "redis", "connection_string": f"{address},retry=null"})
-    down = FeastOnlineSink(config, embeddings_table_uri=str(tmp_path / "embeddings"), dim=DIM)
+    down = _sink_of_kind(kind, config, tmp_path)
 
     with pytest.raises(SinkError) as error:
-        down.write(_batch(_ids(1), _vectors(1, seed=14)))
+        down.write(_one_row_of_kind(kind))
 
     _assert_unreachable_message(str(error.value), address)
 
@@ -357,11 +389,212 @@ def _assert_unreachable_message(message: str, address: str) -> None:
     assert message.endswith("start redis-server or fix feast.online_store.connection_string")
 
 
-def test_sqlite_write_before_apply_says_to_apply(tmp_path: Path) -> None:
+@SINK_KINDS
+def test_sqlite_write_before_apply_says_to_apply(tmp_path: Path, kind: str) -> None:
     config = FeastConfig.local(tmp_path)
     Path(config.registry).parent.mkdir(parents=True)
-    unapplied = FeastOnlineSink(config, embeddings_table_uri=str(tmp_path / "embeddings"), dim=DIM)
+    unapplied = _sink_of_kind(kind, config, tmp_path)
 
-    with pytest.raises(SinkError, match=r"call FeastOnlineSink\.apply\(\) first") as error:
-        unapplied.write(_batch(_ids(1), _vectors(1, seed=15)))
+    with pytest.raises(SinkError, match=rf"call {type(unapplied).__name__}\.apply\(\) first") as error:
+        unapplied.write(_one_row_of_kind(kind))
     assert "\n" not in str(error.value)
+
+
+# -- the ad-scoring job's sink: latest score per (user, ad) ----------------------------------------
+
+
+def _score_rows(
+    pairs: list[tuple[str, str]],
+    offsets: list[int],
+    *,
+    scores: np.ndarray | None = None,
+    partition: int = 0,
+    model_version: str = "ctr-1",
+    scored_at: datetime = SCORED_AT,
+) -> pa.Table:
+    """Rows of ``SCORES_SCHEMA``, as the scoring core emits them; every row in one Kafka partition."""
+    n = len(pairs)
+    values = _scores(n, seed=sum(offsets)) if scores is None else scores
+    return pa.Table.from_arrays(
+        [
+            pa.array([f"req-{partition}-{offset}" for offset in offsets]),
+            pa.array([user for user, _ in pairs]),
+            pa.array([ad for _, ad in pairs]),
+            pa.array(offsets, pa.int64()),
+            pa.array(values, pa.float32()),
+            pa.array(["ctr-dlrm"] * n),
+            pa.array([model_version] * n),
+            pa.array(["ad-requests"] * n),
+            pa.array([partition] * n, pa.int32()),
+            pa.array(offsets, pa.int64()),
+            pa.array([scored_at - timedelta(seconds=2)] * n, pa.timestamp("us", tz="UTC")),
+            pa.array([scored_at] * n, pa.timestamp("us", tz="UTC")),
+            pa.array([scored_at.date()] * n, pa.date32()),
+        ],
+        schema=SCORES_SCHEMA,
+    )
+
+
+def _scores(n: int, seed: int) -> np.ndarray:
+    # Probabilities with full float32 mantissas, and ones near 0 and 1: a lossy float path shows up.
+    rng = np.random.default_rng(seed)
+    return (rng.random(n) ** rng.integers(1, 8, n)).astype(np.float32)
+
+
+def _pairs(n: int, prefix: str = "user") -> list[tuple[str, str]]:
+    return [(f"{prefix}-{i % 7:03d}", f"ad-{i:05d}") for i in range(n)]
+
+
+def _assert_scores(
+    found: list[dict[str, object] | None], pairs: list[tuple[str, str]], scores: np.ndarray, **meta: object
+) -> None:
+    assert len(found) == len(pairs)
+    for row, (user, ad), score in zip(found, pairs, scores, strict=True):
+        assert row is not None, (user, ad)
+        assert (row["user_id"], row["ad_id"]) == (user, ad)
+        # Bitwise: the store must serve the model's float32, not an approximation of it.
+        assert np.float32(row["score"]).tobytes() == np.float32(score).tobytes(), (user, ad)
+        for key, value in meta.items():
+            assert row[key] == value, (user, ad, key)
+
+
+@pytest.fixture
+def make_scores_sink(store_config: FeastConfig, tmp_path: Path) -> ScoresSinkFactory:
+    def make(write_chunk_rows: int = WRITE_CHUNK_ROWS) -> FeastScoresSink:
+        return FeastScoresSink(
+            store_config, scores_table_uri=str(tmp_path / "scores"), write_chunk_rows=write_chunk_rows
+        )
+
+    return make
+
+
+@pytest.fixture
+def scores_sink(make_scores_sink: ScoresSinkFactory) -> FeastScoresSink:
+    return _applied(make_scores_sink())
+
+
+def test_scores_round_trip_exact_score_version_and_scoring_time(scores_sink: FeastScoresSink) -> None:
+    pairs, scores = _pairs(300), _scores(300, seed=21)
+
+    written = scores_sink.write(_score_rows(pairs, list(range(300)), scores=scores, model_version="ctr-7"))
+
+    assert written == 300
+    _assert_scores(
+        scores_sink.lookup(pairs), pairs, scores, model_version="ctr-7", scored_at=SCORED_AT.replace(microsecond=0)
+    )
+
+
+def test_scores_keep_the_last_row_per_pair_in_offset_order_within_a_batch(
+    scores_sink: FeastScoresSink, store_config: FeastConfig
+) -> None:
+    # Each of 20 pairs is scored 4 times; the batch arrives shuffled, so row order is not event order.
+    pairs = _pairs(20) * 4
+    offsets = list(range(100, 180))
+    scores = _scores(80, seed=22)
+    shuffle = np.random.default_rng(23).permutation(80)
+    batch = _score_rows([pairs[i] for i in shuffle], [offsets[i] for i in shuffle], scores=scores[shuffle])
+
+    written = scores_sink.write(batch)
+
+    assert written == 20, "one online row per pair"
+    _assert_scores(scores_sink.lookup(pairs[:20]), pairs[:20], scores[60:])
+    assert _stored_item_count(scores_sink, store_config) == 20
+
+
+def test_scores_of_a_later_batch_replace_only_the_pairs_it_has(
+    scores_sink: FeastScoresSink, store_config: FeastConfig
+) -> None:
+    first_pairs, later_pairs = _pairs(30), _pairs(45)[15:]  # 15 pairs only in the first, 15 in both, 15 new
+    first, later = _scores(30, seed=24), _scores(30, seed=25)
+    scores_sink.write(_score_rows(first_pairs, list(range(30)), scores=first, model_version="ctr-1"))
+
+    scores_sink.write(_score_rows(later_pairs, list(range(30, 60)), scores=later, model_version="ctr-2"))
+
+    _assert_scores(scores_sink.lookup(first_pairs[:15]), first_pairs[:15], first[:15], model_version="ctr-1")
+    _assert_scores(scores_sink.lookup(later_pairs), later_pairs, later, model_version="ctr-2")
+    assert _stored_item_count(scores_sink, store_config) == 45
+
+
+def test_scores_replay_of_a_batch_is_harmless(scores_sink: FeastScoresSink, store_config: FeastConfig) -> None:
+    pairs, scores = _pairs(40) * 2, _scores(80, seed=26)
+    batch = _score_rows(pairs, list(range(80)), scores=scores)
+
+    scores_sink.write(batch)
+    scores_sink.write(batch)
+
+    _assert_scores(scores_sink.lookup(pairs[40:]), pairs[40:], scores[40:])
+    assert _stored_item_count(scores_sink, store_config) == 40
+
+
+def test_scores_latest_wins_across_input_and_write_chunks(make_scores_sink: ScoresSinkFactory) -> None:
+    # The newest row of each pair sits in the first input chunk; writes go out 3 rows at a time.
+    chunked = make_scores_sink(write_chunk_rows=3)
+    chunked.apply()
+    pairs, new, old = _pairs(10), _scores(10, seed=27), _scores(10, seed=28)
+    table = pa.concat_tables(
+        [_score_rows(pairs, list(range(50, 60)), scores=new), _score_rows(pairs, list(range(10)), scores=old)]
+    )
+    assert table.column(0).num_chunks == 2
+
+    assert chunked.write(table) == 10
+    _assert_scores(chunked.lookup(pairs), pairs, new)
+
+
+def test_scores_unknown_pairs_are_none_and_order_follows_the_request(scores_sink: FeastScoresSink) -> None:
+    pairs, scores = [("u-1", "a-1"), ("u-2", "a-2")], _scores(2, seed=29)
+    scores_sink.write(_score_rows(pairs, [1, 2], scores=scores))
+
+    # A user and an ad that each have scores, but not together, have no score as a pair.
+    found = scores_sink.lookup([("u-1", "a-2"), pairs[1], ("a-1", "u-1"), pairs[0], ("nobody", "a-1"), pairs[1]])
+
+    assert [found[0], found[2], found[4]] == [None, None, None]
+    _assert_scores([found[1], found[3], found[5]], [pairs[1], pairs[0], pairs[1]], scores[[1, 0, 1]])
+    assert scores_sink.lookup([]) == []
+
+
+def test_scores_rows_may_carry_extra_columns_and_come_as_a_record_batch(scores_sink: FeastScoresSink) -> None:
+    pairs, scores = _pairs(5), _scores(5, seed=30)
+    batch = _score_rows(pairs, list(range(5)), scores=scores).to_batches()[0]
+    batch = batch.append_column("debug", pa.array(["x"] * 5))
+
+    assert scores_sink.write(batch) == 5
+    _assert_scores(scores_sink.lookup(pairs), pairs, scores)
+
+
+def test_scores_with_a_null_are_rejected_before_writing(scores_sink: FeastScoresSink) -> None:
+    pairs = _pairs(3)
+    good = _score_rows(pairs, [1, 2, 3])
+    index = good.schema.get_field_index("score")
+    bad = good.set_column(index, pa.field("score", pa.float32()), pa.array([0.5, None, 0.5], pa.float32()))
+
+    with pytest.raises(SinkError, match=r"has nulls in score .* must follow schemas\.scores\.SCORES_SCHEMA"):
+        scores_sink.write(bad)
+    assert scores_sink.lookup(pairs) == [None, None, None]
+
+
+def test_pickled_scores_sink_writes_and_reads_like_the_original(scores_sink: FeastScoresSink) -> None:
+    scores_sink.lookup([("warm", "up")])
+    clone = pickle.loads(pickle.dumps(scores_sink))
+    pairs, scores = _pairs(10), _scores(10, seed=31)
+
+    clone.write(_score_rows(pairs, list(range(10)), scores=scores))
+
+    _assert_scores(scores_sink.lookup(pairs), pairs, scores)
+
+
+def test_embeddings_and_scores_share_one_store_and_registry(
+    make_sink: SinkFactory, make_scores_sink: ScoresSinkFactory
+) -> None:
+    # Each sink registers only its own objects (partial apply), so neither unregisters the other.
+    embeddings, scores_sink = make_sink(), make_scores_sink()
+    embeddings.apply()
+    scores_sink.apply()
+    ids, vectors = _ids(5), _vectors(5, seed=32)
+    pairs, scores = _pairs(5), _scores(5, seed=33)
+    embeddings.write(_batch(ids, vectors))
+    scores_sink.write(_score_rows(pairs, list(range(5)), scores=scores))
+
+    embeddings.apply()
+
+    _assert_rows(embeddings.lookup(ids), ids, vectors)
+    _assert_scores(make_scores_sink().lookup(pairs), pairs, scores)
