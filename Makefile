@@ -6,9 +6,9 @@ SHELL := /bin/bash
 ROOT := $(CURDIR)
 DATA ?= $(ROOT)/data
 ROWS ?= 20000
-BOOT = eval "$$($(ROOT)/infra/bootstrap.sh)"; export SLUICE_SPARK_JARS HF_HUB_OFFLINE=1 PYTHONPATH=$(ROOT); PATH="$$SLUICE_VENV/bin:$$PATH"
+BOOT = eval "$$($(ROOT)/infra/bootstrap.sh)"; export SLUICE_SPARK_JARS SLUICE_KAFKA_JARS HF_HUB_OFFLINE=1 PYTHONPATH=$(ROOT); PATH="$$SLUICE_VENV/bin:$$PATH"
 
-.PHONY: install run test test-fast lint typecheck bench dist lock clean
+.PHONY: install run test test-fast lint typecheck bench dist lock clean kafka
 
 install:  ## virtualenv + Spark jars, cached under ~/.cache/sluice (keyed by requirements.lock / pom.xml)
 	$(BOOT)
@@ -33,6 +33,10 @@ lint:
 	ruff check schemas transforms pipelines tests benchmarks
 	mypy
 
+kafka:  ## a local Kafka broker (KRaft, single node) in the foreground until Ctrl-C; data survives restarts
+	$(BOOT)
+	python -m pipelines.dev_kafka --port $(or $(PORT),9092) --data-dir "$(or $(KAFKA_DATA),$(DATA)/kafka)"
+
 bench:  ## benchmarks/README.md explains the figures
 	$(BOOT)
 	python benchmarks/backfill_bench.py --out benchmarks/results $(BENCH_ARGS)
@@ -43,7 +47,7 @@ dist:  ## dist/sluice.zip for spark-submit --py-files
 	echo "dist/sluice.zip"
 
 lock:  ## re-resolve requirements.lock from pyproject.toml (all extras)
-	d=$$(mktemp -d); python3.11 -m venv $$d; $$d/bin/pip install -q ".[spark,feast,dev]"; \
+	d=$$(mktemp -d); python3.11 -m venv $$d; $$d/bin/pip install -q ".[spark,feast,kafka,dev]"; \
 	  { sed -n '1,2p' requirements.lock; $$d/bin/pip freeze --exclude sluice; } > requirements.lock.new && mv requirements.lock.new requirements.lock; rm -rf $$d
 
 clean:

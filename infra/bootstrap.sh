@@ -2,9 +2,10 @@
 # Installs what sluice needs, from nothing, into a cache outside the clone so that a fresh clone
 # (CI's included) reuses it:
 #   $SLUICE_CACHE/venv-<hash of requirements.lock + python version>   the virtualenv
-#   $SLUICE_CACHE/jars-<hash of infra/maven/pom.xml>                   Delta jars for Spark
+#   $SLUICE_CACHE/jars-<hash of infra/maven/pom.xml>                   Delta + Kafka connector jars for Spark
+#   $SLUICE_CACHE/kafka-<hash of infra/kafka/pom.xml>                  a Kafka broker (KRaft) for dev and tests
 # Each is built under a temporary name and renamed only when complete, so an interrupted
-# install never leaves a half-made cache behind. Prints the two paths as shell assignments.
+# install never leaves a half-made cache behind. Prints the three paths as shell assignments.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${SLUICE_CACHE:-$HOME/.cache/sluice}
@@ -45,18 +46,42 @@ if [ "$(cat "$venv/.sluice-src" 2>/dev/null)" != "$root" ]; then
   echo "$root" > "$venv/.sluice-src"
 fi
 
-# --- Delta jars for Spark, fetched by Maven from Central ----------------------------------------
+# --- Jars fetched by Maven from Central -------------------------------------------------------
+# fetch_jars DIR POM: copy POM's runtime dependencies into DIR (which jars is decided in the pom).
+fetch_jars() {
+  local dir=$1 pom=$2
+  [ -f "$dir/.complete" ] && return 0
+  command -v mvn >/dev/null || die "mvn not found: install Maven (Debian: apt-get install maven)"
+  say "fetching the jars of ${pom#"$root"/} into $dir"
+  rm -rf "$dir" "$dir.tmp"
+  # Maven's output is only worth showing when it failed (with -q it still prints colour codes).
+  if ! mvn -q -B -s "$root/infra/maven/settings.xml" -f "$pom" \
+      dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$dir.tmp" >"$dir.mvn.log" 2>&1; then
+    cat "$dir.mvn.log" >&2
+    die "mvn could not fetch the jars in ${pom#"$root"/} (see above, or $dir.mvn.log)"
+  fi
+  rm -f "$dir.mvn.log"
+  touch "$dir.tmp/.complete"
+  mv "$dir.tmp" "$dir"
+}
+
+# Delta and the Kafka connector for Spark. A jar that pyspark already ships would shadow or clash
+# with Spark's own copy, so a pom change that lets one in fails here rather than inside a job.
 jars="$cache/jars-$(hash_of "$root/infra/maven/pom.xml")"
 if [ ! -f "$jars/.complete" ]; then
-  command -v mvn >/dev/null || die "mvn not found: install Maven (Debian: apt-get install maven)"
-  say "fetching Spark jars into $jars"
-  rm -rf "$jars" "$jars.tmp"
-  mvn -q -B -s "$root/infra/maven/settings.xml" -f "$root/infra/maven/pom.xml" \
-      dependency:copy-dependencies -DincludeGroupIds=io.delta -DoutputDirectory="$jars.tmp" >&2 \
-    || die "mvn could not fetch the jars in infra/maven/pom.xml (see above)"
-  touch "$jars.tmp/.complete"
-  mv "$jars.tmp" "$jars"
+  fetch_jars "$jars" "$root/infra/maven/pom.xml"
+  pyspark_jars=$(echo "$venv"/lib/python*/site-packages/pyspark/jars)
+  if [ -d "$pyspark_jars" ]; then
+    artifacts() { ls "$1" | grep '\.jar$' | sed -E 's/-[0-9][0-9A-Za-z.]*(-[0-9][0-9A-Za-z.]*)*\.jar$//' | sort -u; }
+    dup=$(comm -12 <(artifacts "$jars") <(artifacts "$pyspark_jars") | paste -sd' ')
+    [ -z "$dup" ] || { rm -rf "$jars"; die "infra/maven/pom.xml copies jars pyspark already ships ($dup): exclude them there"; }
+  fi
 fi
+
+# The Kafka broker that `sluice dev kafka`, `make kafka` and the tests' fixture start.
+kafka="$cache/kafka-$(hash_of "$root/infra/kafka/pom.xml")"
+fetch_jars "$kafka" "$root/infra/kafka/pom.xml"
 
 echo "SLUICE_VENV=$venv"
 echo "SLUICE_SPARK_JARS=$jars"
+echo "SLUICE_KAFKA_JARS=$kafka"

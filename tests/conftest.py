@@ -7,4 +7,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-pytest_plugins = ["tests.fixtures.spark", "tests.fixtures.redis_server"]
+pytest_plugins = [
+    "tests.fixtures.spark",
+    "tests.fixtures.redis_server",
+    "tests.fixtures.kafka_broker",
+    "tests.fixtures.ctr_model",
+]

@@ -1,0 +1,91 @@
+"""Create the Kafka topics a job writes to, before it writes.
+
+Brokers run with ``auto.create.topics.enable=false`` (a mistyped topic must fail, not become an
+empty topic that nobody reads), so the runners create their dead-letter and scores topics
+themselves at start-up. That has to be idempotent — every run and every restart calls it — and
+must not return before the broker serves the new topic's partitions, or the first produce races
+the topic's creation and fails with "unknown topic".
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from transforms.errors import ConfigError, SinkError
+
+_log = logging.getLogger(__name__)
+
+
+def ensure_topics(
+    bootstrap: str,
+    topics: dict[str, int],
+    *,
+    client_config: dict[str, str] | None = None,
+    timeout_s: float = 30.0,
+) -> None:
+    """Create each topic of ``topics`` (name -> partition count) that does not exist yet.
+
+    Existing topics are left as they are, whatever their partition count: adding partitions would
+    move keys to other partitions under a running job, and Kafka cannot remove any. The
+    replication factor is the broker's ``default.replication.factor``. ``client_config`` carries
+    security settings (SASL, TLS) for the admin client.
+    """
+    for name, partitions in topics.items():
+        if not name:
+            raise ConfigError("Kafka topic names must not be empty")
+        if partitions < 1:
+            raise ConfigError(f"Kafka topic {name} needs at least 1 partition, got {partitions}")
+    if not topics:
+        return
+
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    # librdkafka's own log lines go to Python logging, not straight to stderr.
+    admin = AdminClient({**(client_config or {}), "bootstrap.servers": bootstrap}, logger=_log)
+    deadline = time.monotonic() + timeout_s
+    try:
+        existing = set(admin.list_topics(timeout=max(timeout_s, 1.0)).topics)
+    except KafkaException as exc:
+        raise SinkError(f"cannot reach Kafka at {bootstrap} to create topics {sorted(topics)}: {exc}") from exc
+    missing = {name: n for name, n in topics.items() if name not in existing}
+    if missing:
+        futures = admin.create_topics(
+            [NewTopic(name, num_partitions=n, replication_factor=-1) for name, n in missing.items()],
+            request_timeout=timeout_s,
+        )
+        for name, future in futures.items():
+            try:
+                future.result()
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                    continue  # another runner created it in between: that is the goal
+                reason = err.str() if isinstance(err, KafkaError) else str(exc)
+                raise SinkError(f"cannot create Kafka topic {name} on {bootstrap}: {reason}") from exc
+            _log.info("created Kafka topic %s with %d partitions on %s", name, missing[name], bootstrap)
+        _wait_for_leaders(admin, bootstrap, list(missing), deadline)
+
+
+def _wait_for_leaders(admin: Any, bootstrap: str, names: list[str], deadline: float) -> None:
+    """Return once every partition of ``names`` has a leader in the broker's metadata."""
+    pending = list(names)
+    while pending:
+        name = pending[0]
+        try:
+            meta = admin.list_topics(topic=name, timeout=1.0).topics.get(name)
+        except Exception:  # KafkaException: metadata not served yet
+            meta = None
+        if (
+            meta is not None
+            and meta.error is None
+            and meta.partitions
+            and all(p.leader >= 0 and p.error is None for p in meta.partitions.values())
+        ):
+            pending.pop(0)
+            continue
+        if time.monotonic() > deadline:
+            raise SinkError(f"Kafka topic {name} was created on {bootstrap} but has no partition leader yet")
+        time.sleep(0.05)
