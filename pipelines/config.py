@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -20,7 +20,7 @@ from transforms.models.spec import ModelConfig
 from transforms.sinks.feast_online import FeastConfig
 
 ENV_PREFIX = "SLUICE__"
-_FREE_FORM_MAPS = {"conf", "storage_options", "model_kwargs"}
+_FREE_FORM_MAPS = {"conf", "storage_options", "model_kwargs", "client"}
 BackfillMode = Literal["full", "incremental", "stale"]
 
 
@@ -151,13 +151,18 @@ def _describe(exc: ValidationError, origin: str) -> str:
     return f"invalid configuration ({origin}): " + "; ".join(problems)
 
 
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
 def load_config(
     path: str | Path | None = None,
     *,
     overrides: dict[str, Any] | None = None,
     environ: dict[str, str] | None = None,
-) -> BackfillConfig:
-    """Build the config from a YAML file, env vars and flag overrides (in that order)."""
+    schema: type[ConfigT] = BackfillConfig,  # type: ignore[assignment]
+) -> ConfigT:
+    """Build a job's config (``schema``, the backfill's by default) from a YAML file, env vars and
+    flag overrides (in that order)."""
     data: dict[str, Any] = {}
     origin = "defaults"
     if path is not None:
@@ -182,6 +187,6 @@ def load_config(
         data = _deep_merge(data, overrides)
         origin += " + flags"
     try:
-        return BackfillConfig.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, origin)) from exc

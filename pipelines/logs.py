@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from datetime import UTC, datetime
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
@@ -44,3 +45,6 @@ def configure(level: str = "INFO") -> None:
     root.setLevel(level)
     for noisy in ("py4j", "feast", "great_expectations", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Libraries' deprecation notices about their own imports are not the user's business.
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.captureWarnings(True)

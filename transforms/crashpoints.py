@@ -22,6 +22,18 @@ POINTS = (
     "before_delta_commit",
     "after_delta_commit",
     "after_online_write",
+    # the consumer runner, in the order of one micro-batch
+    "consume:after_read",
+    "consume:after_delta_commit",
+    "consume:after_online_write",
+    "consume:before_kafka_commit",
+    "consume:after_kafka_commit",
+    # the Spark stream runner: in a task, then on the driver in foreachBatch
+    "stream:mid_scoring",
+    "stream:after_scoring",
+    "stream:after_delta_commit",
+    "stream:after_online_write",
+    "stream:after_kafka_commit",
 )
 
 

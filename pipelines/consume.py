@@ -1,0 +1,575 @@
+"""The ad-scoring job as a plain Kafka consumer group: ``sluice consume``.
+
+One process is one member of the group. Scale out by starting more (``--instance 1``, ``2``...):
+Kafka splits the topic's partitions between them. Each micro-batch (bounded by
+``batching.max_records`` and ``batching.max_wait_ms``) goes through the engine-free core
+(:mod:`transforms.score_requests`) and then, in this order, which is the exactly-once argument
+(DESIGN.md, invariant 2):
+
+1. **Delta** (scores and quarantine tables, via delta-rs): one append per table carrying a Delta
+   app transaction per source partition (``app_id`` = group/topic/partition, ``version`` = the
+   last offset of that partition in the batch). Rows at or below an offset the table already
+   recorded are dropped, so a replay after a crash, whatever its batch boundaries, writes nothing
+   twice.
+2. **Feast** online store: keyed upserts of the latest score per (user, ad); a replay rewrites the
+   same values.
+3. **One Kafka transaction** holding the scores-topic messages, the dead letters and the
+   consumer's offsets (``send_offsets_to_transaction``). Committed last: until it is, no
+   read_committed reader sees the outputs and the group's offsets have not moved, so a crash
+   anywhere before it replays the batch, and a crash after it replays nothing.
+
+On (re)assignment a partition resumes from the group's committed offset. If the group has none
+(a new group, offsets expired on the broker) it resumes after the last offset recorded in Delta *as
+published to Kafka*: each Delta commit also carries, per partition, the offsets whose Kafka
+transaction had committed by then (app id ``...:kafka:<topic>:<partition>``). Resuming after the
+offsets of the *rows* in Delta instead would skip the dead letters and scores-topic messages of a
+batch that crashed between its Delta commit and its Kafka commit. With neither, it starts at the
+beginning: nothing of this group reached Kafka, and Delta skips the rows it already holds. SIGTERM/SIGINT
+drain: the batch in hand is finished and committed, the consumer leaves the group, the process
+prints its summary and exits 0. A transactional id fenced by a newer instance means another
+process took this one's place: it stops without committing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from pipelines.score_config import ScoreConfig
+from schemas.scores import KAFKA_RECORD_SCHEMA, SCORES_PARTITION_COLUMNS, SCORES_QUARANTINE_SCHEMA, SCORES_SCHEMA
+from transforms.crashpoints import crash_point
+from transforms.errors import SinkError, SourceError
+from transforms.score_requests import RequestScorer, ScoreStats, ScoringSpec
+from transforms.sinks.kafka_outputs import ProducerFenced
+
+if TYPE_CHECKING:
+    from confluent_kafka import Consumer, Message, TopicPartition
+
+    from transforms.sinks.delta_offsets import OffsetTrackedDeltaSink
+    from transforms.sinks.feast_scores import FeastScoresSink
+    from transforms.sinks.kafka_outputs import TransactionalKafkaSink
+
+log = logging.getLogger("sluice.consume")
+
+#: Partitions of the scores and dead-letter topics when the runner creates them.
+OUTPUT_PARTITIONS = 4
+_POLL_S = 0.05
+
+
+def default_instance_id(index: int = 0) -> str:
+    return f"{socket.gethostname()}-{index}"
+
+
+@dataclass
+class ConsumeSummary:
+    """What a consumer process did; its one-screen summary at exit (and JSON for tests/Airflow)."""
+
+    group: str
+    topic: str
+    instance_id: str
+    target_uri: str
+    quarantine_uri: str
+    scores_topic: str
+    dlq_topic: str
+    stats: ScoreStats = field(default_factory=ScoreStats)
+    batches: int = 0
+    delta_rows_written: int = 0
+    online_written: int = 0
+    replayed_rows_skipped: int = 0
+    #: Seconds per step, summed over batches: read (building the batch), score (the core), delta,
+    #: feast, kafka (the transaction: produce + commit).
+    step_seconds: dict[str, float] = field(default_factory=dict)
+    model_versions: list[str] = field(default_factory=list)
+    rebalances: int = 0
+    #: Batches whose Kafka commit the group's rebalance refused: their partitions' owner replays them.
+    batches_dropped: int = 0
+    compactions: int = 0
+    #: Wall time of the whole run, start-up (model, Feast, group join) included.
+    seconds: float = 0.0
+    #: From the first record read to the last batch committed: the throughput window.
+    streaming_seconds: float = 0.0
+    stopped_because: str = ""
+
+    @property
+    def records_per_second(self) -> float:
+        return self.stats.records / self.streaming_seconds if self.streaming_seconds else 0.0
+
+
+def _records(messages: list[Message]) -> pa.RecordBatch:
+    """librdkafka messages as one :data:`KAFKA_RECORD_SCHEMA` batch (the core's input)."""
+    from confluent_kafka import TIMESTAMP_NOT_AVAILABLE
+
+    stamps = []
+    for m in messages:
+        kind, ms = m.timestamp()
+        stamps.append(None if kind == TIMESTAMP_NOT_AVAILABLE else ms)
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array([m.key() for m in messages], pa.binary()),
+            pa.array([m.value() for m in messages], pa.binary()),
+            pa.array([m.topic() for m in messages], pa.string()),
+            pa.array([m.partition() for m in messages], pa.int32()),
+            pa.array([m.offset() for m in messages], pa.int64()),
+            pa.array(stamps, pa.timestamp("ms", tz="UTC")),
+        ],
+        schema=KAFKA_RECORD_SCHEMA,
+    )
+
+
+class ConsumerRunner:
+    """One member of the scoring consumer group. ``run()`` until stopped; see the module docs."""
+
+    def __init__(self, cfg: ScoreConfig, *, instance_id: str | None = None, progress: bool = False) -> None:
+        self.cfg = cfg
+        self.instance_id = instance_id or cfg.kafka.instance_id or default_instance_id()
+        self.progress = progress
+        self.stop_requested = threading.Event()
+        k = cfg.kafka
+        self.summary = ConsumeSummary(
+            group=k.group,
+            topic=k.topic,
+            instance_id=self.instance_id,
+            target_uri=cfg.target.uri,
+            quarantine_uri=cfg.target.quarantine,
+            scores_topic=k.scores,
+            dlq_topic=k.dlq,
+        )
+        self._buffer: list[Message] = []
+        self._published_since_last_delta: dict[tuple[str, int], int] = {}
+        self._consumer: Consumer | None = None
+        self._scores: OffsetTrackedDeltaSink | None = None
+        self._quarantine: OffsetTrackedDeltaSink | None = None
+        self._feast: FeastScoresSink | None = None
+        self._kafka_out: TransactionalKafkaSink | None = None
+        self._scorer: RequestScorer | None = None
+        self._compactor: _Compactor | None = None
+
+    # -- set-up -----------------------------------------------------------------------------------
+
+    def _app_prefix(self) -> str:
+        return f"sluice-consume:{self.cfg.kafka.group}"
+
+    def _open(self) -> None:
+        """Everything that can fail on bad input fails here, before the group is joined."""
+        from confluent_kafka import Consumer
+
+        from transforms.kafka_admin import ensure_topics
+        from transforms.sinks.delta_offsets import OffsetTrackedDeltaSink
+        from transforms.sinks.kafka_outputs import TransactionalKafkaSink
+
+        cfg, k = self.cfg, self.cfg.kafka
+        device = (
+            "cuda"
+            if cfg.model.device == "auto" and _cuda()
+            else ("cpu" if cfg.model.device == "auto" else cfg.model.device)
+        )
+        self._scorer = RequestScorer(
+            ScoringSpec(
+                model_path=cfg.model.path,
+                codec=k.codec,
+                device=device,
+                model_sha256=cfg.model.sha256,
+                model_poll_seconds=cfg.model.poll_seconds,
+                mean_ratio_bounds=cfg.validation.mean_ratio_bounds,
+                min_rows_for_mean=cfg.validation.min_rows_for_mean,
+            )
+        )
+        self._check_source_topic()
+        ensure_topics(k.bootstrap, {k.scores: OUTPUT_PARTITIONS, k.dlq: OUTPUT_PARTITIONS}, client_config=k.client)
+        self._scores = OffsetTrackedDeltaSink(
+            cfg.target.uri,
+            SCORES_SCHEMA,
+            app_prefix=self._app_prefix(),
+            partition_by=SCORES_PARTITION_COLUMNS,
+            storage_options=cfg.target.storage_options,
+        )
+        self._quarantine = OffsetTrackedDeltaSink(
+            cfg.target.quarantine,
+            SCORES_QUARANTINE_SCHEMA,
+            app_prefix=self._app_prefix(),
+            storage_options=cfg.target.storage_options,
+        )
+        self._scores.ensure_table()
+        self._quarantine.ensure_table()
+        self._compactor = _Compactor(
+            [cfg.target.uri, cfg.target.quarantine], cfg.target.storage_options, cfg.target.compact_every_s
+        )
+        if cfg.feast is not None and cfg.feast.enabled:
+            from transforms.sinks.feast_scores import FeastScoresSink
+
+            self._feast = FeastScoresSink(cfg.feast, scores_table_uri=cfg.target.uri)
+            self._feast.apply()
+        self._kafka_out = TransactionalKafkaSink(
+            k.bootstrap,
+            transactional_id=f"sluice-{k.group}-{self.instance_id}",
+            scores_topic=k.scores,
+            dlq_topic=k.dlq,
+            client_config=k.client,
+        )
+        self._consumer = Consumer(
+            {
+                **k.client,
+                "bootstrap.servers": k.bootstrap,
+                "group.id": k.group,
+                # Static membership: a restarted instance gets its partitions back without a rebalance.
+                "group.instance.id": self.instance_id,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+                "session.timeout.ms": 10_000,
+                "fetch.min.bytes": 1,
+                "queued.max.messages.kbytes": 65_536,
+            },
+            logger=logging.getLogger("sluice.consume.librdkafka"),
+        )
+        self._consumer.subscribe([k.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+
+    def _check_source_topic(self) -> None:
+        from confluent_kafka import KafkaException
+        from confluent_kafka.admin import AdminClient
+
+        k = self.cfg.kafka
+        admin = AdminClient({**k.client, "bootstrap.servers": k.bootstrap})
+        try:
+            topics = admin.list_topics(timeout=10).topics
+        except KafkaException as exc:
+            raise SourceError(f"cannot reach Kafka at {k.bootstrap}: {exc}") from exc
+        if k.topic not in topics:
+            raise SourceError(f"Kafka topic {k.topic} does not exist on {k.bootstrap}: check kafka.topic")
+
+    # -- rebalances -------------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Resume each partition at the group's committed offset, else after Delta's record."""
+        from confluent_kafka import OFFSET_INVALID
+
+        assert self._scores is not None and self._quarantine is not None
+        self.summary.rebalances += 1
+        tps = [(p.topic, p.partition) for p in partitions]
+        self._scores.refresh(tps)
+        self._quarantine.refresh(tps)
+        self._scores.refresh_published(tps)
+        committed = consumer.committed(partitions, timeout=10)
+        for p, c in zip(partitions, committed, strict=True):
+            if c.offset == OFFSET_INVALID or c.offset < 0:
+                published = self._scores.published(p.topic, p.partition)
+                if published is not None:
+                    p.offset = published + 1
+            else:
+                p.offset = c.offset
+        log.info(
+            "partitions assigned",
+            extra={"partitions": {f"{p.topic}[{p.partition}]": p.offset for p in partitions}},
+        )
+        consumer.assign(partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Drop what was read but not processed: the partition's next owner re-reads it from the
+        committed offset. No transaction is ever open here (batches finish before the next poll)."""
+        gone = {(p.topic, p.partition) for p in partitions}
+        self._buffer = [m for m in self._buffer if (m.topic(), m.partition()) not in gone]
+        for tp in gone:  # the next owner records its own progress for these
+            self._published_since_last_delta.pop(tp, None)
+        log.info("partitions revoked", extra={"partitions": sorted(f"{t}[{p}]" for t, p in gone)})
+        consumer.unassign()
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def _fill(self, deadline_s: float) -> None:
+        """Read into the buffer until it holds max_records or the batch's max wait has passed."""
+        assert self._consumer is not None
+        b = self.cfg.batching
+        first_at: float | None = time.monotonic() if self._buffer else None
+        while len(self._buffer) < b.max_records and not self.stop_requested.is_set():
+            now = time.monotonic()
+            if first_at is not None and now - first_at >= b.max_wait_ms / 1000:
+                return
+            if now >= deadline_s:
+                return
+            timeout = _POLL_S if first_at is None else min(_POLL_S, b.max_wait_ms / 1000 - (now - first_at))
+            msgs = self._consumer.consume(num_messages=b.max_records - len(self._buffer), timeout=max(timeout, 0.001))
+            for m in msgs:
+                err = m.error()
+                if err is not None:
+                    if err.fatal():
+                        raise SourceError(f"Kafka consumer failed: {err.str()}")
+                    log.warning("kafka: %s", err.str())
+                    continue
+                self._buffer.append(m)
+            if msgs and first_at is None:
+                first_at = time.monotonic()
+
+    def _process(self, messages: list[Message]) -> None:
+        assert self._scorer and self._scores and self._quarantine and self._kafka_out and self._consumer
+        from confluent_kafka import TopicPartition
+
+        clock = _StepClock(self.summary.step_seconds)
+        records = _records(messages)
+        clock.lap("read")
+        crash_point("consume:after_read")
+        outcome = self._scorer.score(records)
+        clock.lap("score")
+        for warning in outcome.warnings:
+            log.warning(warning, extra={"model_version": outcome.model_version})
+        through: dict[tuple[str, int], int] = {}
+        for topic, partition, offset in zip(
+            records.column("topic").to_pylist(),
+            records.column("partition").to_pylist(),
+            records.column("offset").to_pylist(),
+            strict=True,
+        ):
+            tp = (topic, partition)
+            if offset > through.get(tp, -1):
+                through[tp] = offset
+        meta = {
+            "sluice.job": "consume",
+            "sluice.instance": self.instance_id,
+            "sluice.model_version": outcome.model_version,
+        }
+        written = self._scores.append(
+            outcome.scores, through=through, metadata=meta, published=self._published_since_last_delta
+        )
+        self._quarantine.append(outcome.quarantined, through=through, metadata=meta)
+        if self._compactor is not None and outcome.scores.num_rows:
+            self._compactor.saw({str(d) for d in outcome.scores.column("event_date").unique().to_pylist()})
+        clock.lap("delta")
+        crash_point("consume:after_delta_commit")
+        if self._feast is not None and outcome.scores.num_rows:
+            self.summary.online_written += self._feast.write(outcome.scores)
+        clock.lap("feast")
+        crash_point("consume:after_online_write")
+        out = self._kafka_out
+        out.begin()
+        out.produce_scores(outcome.scores)
+        out.produce_dead_letters(outcome.dead_letters)
+        crash_point("consume:before_kafka_commit")
+        offsets = [TopicPartition(t, p, o + 1) for (t, p), o in through.items()]
+        out.commit(offsets, self._consumer.consumer_group_metadata())
+        # Recorded in Delta with the next batch's commit: where a group without offsets resumes.
+        self._published_since_last_delta = dict(through)
+        clock.lap("kafka")
+        crash_point("consume:after_kafka_commit")
+
+        s = self.summary
+        s.stats.add(outcome.stats)
+        s.batches += 1
+        s.delta_rows_written += written.rows_written
+        s.replayed_rows_skipped += written.rows_skipped
+        if outcome.model_version not in s.model_versions:
+            s.model_versions.append(outcome.model_version)
+
+    def run(self, *, max_records: int | None = None, idle_exit_s: float | None = None) -> ConsumeSummary:
+        """Consume until SIGTERM/SIGINT (or ``max_records`` records, or ``idle_exit_s`` without any)."""
+        t0 = time.monotonic()
+        self._open()
+        assert self._consumer is not None and self._kafka_out is not None
+        last_data = time.monotonic()
+        first_record: float | None = None
+        reporter = _Reporter(self) if self.progress else None
+        try:
+            while not self.stop_requested.is_set():
+                self._fill(deadline_s=time.monotonic() + 1.0)
+                if self._buffer:
+                    if first_record is None:
+                        first_record = time.monotonic()
+                    batch, self._buffer = self._buffer, []
+                    try:
+                        self._process(batch)
+                    except ProducerFenced:
+                        raise  # another instance with this id took over: stop without committing
+                    except SinkError as exc:
+                        if not (self._kafka_out.usable and _rebalanced(exc)):
+                            raise
+                        # Aborted: nothing of it is on the topics and the offsets did not move; the
+                        # partitions' new owner replays it (Delta skips the rows it already holds).
+                        log.warning("batch dropped, the group rebalanced under it: %s", exc)
+                        self.summary.batches_dropped += 1
+                        continue
+                    last_data = time.monotonic()
+                    self.summary.streaming_seconds = last_data - first_record
+                    if reporter:
+                        reporter.update()
+                if max_records is not None and self.summary.stats.records >= max_records:
+                    self.summary.stopped_because = f"read {max_records} records"
+                    break
+                if idle_exit_s is not None and time.monotonic() - last_data >= idle_exit_s:
+                    self.summary.stopped_because = f"no records for {idle_exit_s:g} s"
+                    break
+            else:
+                self.summary.stopped_because = "stop requested (SIGTERM/SIGINT): drained"
+            self._record_published()
+        finally:
+            if reporter:
+                reporter.close()
+            self._close()
+            self.summary.seconds = time.monotonic() - t0
+        return self.summary
+
+    def _record_published(self) -> None:
+        """On a clean stop, record where the last batch's Kafka outputs end (normally that rides on
+        the next batch's Delta commit): a group whose broker-side offsets later expire resumes there."""
+        if self._scores is None or not self._published_since_last_delta:
+            return
+        try:
+            self._scores.append(SCORES_SCHEMA.empty_table(), through={}, published=self._published_since_last_delta)
+            self._published_since_last_delta = {}
+        except SinkError as exc:
+            log.warning("could not record the published offsets on stop: %s", exc)
+
+    def _close(self) -> None:
+        if self._compactor is not None:
+            self._compactor.stop()
+            self.summary.compactions = self._compactor.runs
+        if self._consumer is not None:
+            try:
+                self._consumer.close()  # leaves the group: partitions move to the others at once
+            except Exception as exc:  # closing must not mask the error that got us here
+                log.warning("consumer close failed: %s", exc)
+        if self._kafka_out is not None:
+            self._kafka_out.close()
+
+    def install_signal_handlers(self) -> None:
+        def stop(signum: int, _: FrameType | None) -> None:
+            log.info("signal %s: draining the batch in hand, then stopping", signal.Signals(signum).name)
+            self.stop_requested.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+
+class _StepClock:
+    """Adds the time since the last lap to ``totals[step]``."""
+
+    def __init__(self, totals: dict[str, float]) -> None:
+        self.totals = totals
+        self.t = time.perf_counter()
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self.totals[step] = self.totals.get(step, 0.0) + now - self.t
+        self.t = now
+
+
+def _rebalanced(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(code in text for code in ("ILLEGAL_GENERATION", "UNKNOWN_MEMBER_ID", "REBALANCE_IN_PROGRESS"))
+
+
+class _Compactor:
+    """Compacts the date partitions this consumer wrote, every ``every_s`` seconds, on a thread.
+
+    A consumer commits a few small files per batch; delta-rs pays ~50 µs per live file on every
+    commit, so without compaction a day-long stream slows down hour by hour. OPTIMIZE commits do
+    not conflict with the appends (data and app transactions are unchanged), so it runs beside
+    them; each sink notices the foreign commit and re-reads its progress.
+    """
+
+    def __init__(self, uris: list[str], storage_options: dict[str, str], every_s: float) -> None:
+        self.uris = uris
+        self.storage_options = storage_options or None
+        self.every_s = every_s
+        self.dates: set[str] = set()
+        self.lock = threading.Lock()
+        self.runs = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sluice-compact", daemon=True)
+        if every_s > 0:
+            self._thread.start()
+
+    def saw(self, dates: set[str]) -> None:
+        with self.lock:
+            self.dates |= dates
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.run_once()
+
+    def run_once(self) -> None:
+        from deltalake import DeltaTable
+
+        with self.lock:
+            dates, self.dates = sorted(self.dates), set()
+        for uri in self.uris:
+            try:
+                dt = DeltaTable(uri, storage_options=self.storage_options)
+                filters = (
+                    [("event_date", "in", dates)] if dates and "event_date" in dt.metadata().partition_columns else None
+                )
+                if filters is None and "event_date" in dt.metadata().partition_columns:
+                    continue  # nothing written there since the last run
+                metrics = dt.optimize.compact(partition_filters=filters)
+                log.info("compacted %s", uri, extra={"dates": dates, "metrics": metrics})
+            except Exception as exc:  # maintenance must never take the stream down
+                log.warning("compaction of %s failed (will retry): %s", uri, exc)
+        self.runs += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+class _Reporter:
+    """A live one-line view of the consumer on a terminal (rich), refreshed per batch."""
+
+    def __init__(self, runner: ConsumerRunner) -> None:
+        from rich.live import Live
+
+        self.runner = runner
+        self.t0 = time.monotonic()
+        self.live = Live(self._render(), refresh_per_second=4, transient=True)
+        self.live.start()
+
+    def _render(self) -> Any:
+        from rich.text import Text
+
+        s = self.runner.summary
+        st = s.stats
+        rate = st.records / max(time.monotonic() - self.t0, 1e-9)
+        return Text(
+            f"consumed {st.records:,}  scored {st.scored:,}  dead-lettered {st.dead_lettered:,}  "
+            f"quarantined {st.quarantined:,}  ·  {rate:,.0f} rec/s  ·  batches {s.batches:,}  ·  "
+            f"model {', '.join(s.model_versions) or '-'}"
+        )
+
+    def update(self) -> None:
+        self.live.update(self._render())
+
+    def close(self) -> None:
+        self.live.stop()
+
+
+def run_consumer(
+    cfg: ScoreConfig,
+    *,
+    instance_id: str | None = None,
+    max_records: int | None = None,
+    idle_exit_s: float | None = None,
+    progress: bool = False,
+    on_start: Callable[[ConsumerRunner], None] | None = None,
+) -> ConsumeSummary:
+    runner = ConsumerRunner(cfg, instance_id=instance_id, progress=progress)
+    runner.install_signal_handlers()
+    if on_start is not None:
+        on_start(runner)
+    try:
+        return runner.run(max_records=max_records, idle_exit_s=idle_exit_s)
+    except SinkError:
+        raise
+    finally:
+        log.info("consumer stopped", extra={"pid": os.getpid(), "instance": runner.instance_id})

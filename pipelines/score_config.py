@@ -1,0 +1,112 @@
+"""The ad-scoring jobs' configuration (the consumer group and the Spark stream share it).
+
+Loaded like the backfill's (:func:`pipelines.config.load_config`: defaults < YAML < ``SLUICE__``
+environment < flags, unknown keys are errors). Kafka security (SASL/TLS) is plain librdkafka
+settings under ``kafka.client``, passed to every consumer and producer the job makes; the Spark
+runner hands the same settings to Spark's Kafka source as ``kafka.``-prefixed options.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field, model_validator
+
+from pipelines.config import SparkConfig, _absolute_uri, _Strict
+from schemas.expectations import DEFAULT_MEAN_RATIO_BOUNDS
+from schemas.scores import dlq_topic
+from transforms.score_validation import DEFAULT_MIN_ROWS_FOR_MEAN
+from transforms.sinks.feast_online import FeastConfig
+
+
+class KafkaConfig(_Strict):
+    bootstrap: str = Field("localhost:9092", description="host:port[,host:port...] of the brokers")
+    topic: str = Field("ad-requests", description="the topic of ad requests")
+    group: str = Field("sluice-scorer", description="consumer group (the consumer runner)")
+    instance_id: str | None = Field(
+        None,
+        description="stable name of this consumer process (its Kafka transactional.id and static group "
+        "membership); default: <hostname>-<n> where n is --instance (0)",
+    )
+    codec: Literal["json", "avro"] = "json"
+    scores_topic: str | None = Field(None, description="default <topic>.scores")
+    dlq_topic: str | None = Field(None, description="default <topic>.dlq")
+    client: dict[str, str] = Field(
+        default_factory=dict, description="extra librdkafka settings, e.g. security.protocol, sasl.*, ssl.*"
+    )
+
+    @property
+    def scores(self) -> str:
+        return self.scores_topic or f"{self.topic}.scores"
+
+    @property
+    def dlq(self) -> str:
+        return self.dlq_topic or dlq_topic(self.topic)
+
+
+class CtrModelConfig(_Strict):
+    path: Annotated[str, AfterValidator(_absolute_uri)] = Field(
+        ..., description="a CTR artifact directory, or a registry directory whose CURRENT names one"
+    )
+    sha256: str | None = Field(None, description="pin the model version (a fixed artifact only)")
+    poll_seconds: float = Field(5.0, gt=0, description="how often a registry's CURRENT pointer is checked")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class ScoreTargetConfig(_Strict):
+    uri: Annotated[str, AfterValidator(_absolute_uri)] = Field(..., description="the Delta scores table")
+    quarantine_uri: Annotated[str, AfterValidator(_absolute_uri)] | None = Field(
+        None, description="defaults to <target>_quarantine"
+    )
+    storage_options: dict[str, str] = Field(default_factory=dict)
+    compact_every_s: float = Field(
+        600.0,
+        ge=0,
+        description="the consumer compacts the date partitions it wrote this often (0: never; then run "
+        "OPTIMIZE yourself: every commit's cost grows with the table's file count)",
+    )
+
+    @property
+    def quarantine(self) -> str:
+        return self.quarantine_uri or self.uri.rstrip("/") + "_quarantine"
+
+
+class StreamBatchingConfig(_Strict):
+    max_records: int = Field(20_000, ge=1, description="records per micro-batch (consumer)")
+    max_wait_ms: int = Field(200, ge=1, description="a micro-batch closes this long after its first record")
+
+
+class ScoreValidationConfig(_Strict):
+    mean_ratio_bounds: tuple[float, float] = Field(
+        DEFAULT_MEAN_RATIO_BOUNDS, description="a batch's mean score must lie within these multiples of the base rate"
+    )
+    min_rows_for_mean: int = Field(DEFAULT_MIN_ROWS_FOR_MEAN, ge=1)
+
+
+class StreamSparkConfig(SparkConfig):
+    app_name: str = "sluice-score-stream"
+    checkpoint: Annotated[str, AfterValidator(_absolute_uri)] | None = Field(
+        None, description="Structured Streaming checkpoint; default <target>_checkpoint"
+    )
+    trigger: Literal["processingTime", "availableNow"] = "processingTime"
+    trigger_interval: str = Field("1 second", description="processingTime trigger interval")
+    max_offsets_per_trigger: int | None = Field(None, ge=1)
+
+
+class ScoreConfig(_Strict):
+    kafka: KafkaConfig = KafkaConfig()
+    model: CtrModelConfig
+    target: ScoreTargetConfig
+    feast: FeastConfig | None = None
+    batching: StreamBatchingConfig = StreamBatchingConfig()
+    validation: ScoreValidationConfig = ScoreValidationConfig()
+    spark: StreamSparkConfig = StreamSparkConfig()
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ScoreConfig:
+        if self.target.uri.rstrip("/") == self.target.quarantine.rstrip("/"):
+            raise ValueError("target and quarantine tables must be different locations")
+        topics = {self.kafka.topic, self.kafka.scores, self.kafka.dlq}
+        if len(topics) != 3:
+            raise ValueError("the source, scores and dead-letter topics must be three different topics")
+        return self

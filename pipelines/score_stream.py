@@ -1,0 +1,258 @@
+"""The ad-scoring job on Spark Structured Streaming: ``sluice score-stream --engine spark``.
+
+Spark's own Kafka source (``readStream.format("kafka")``) feeds ``foreachBatch``; each micro-batch
+is scored once through the engine-free core (``mapInArrow``, :mod:`transforms.spark.score`),
+persisted, and published in this order:
+
+1. **Delta** scores and quarantine tables, each append carrying the Delta app transaction
+   ``(txnAppId = this stream's id, txnVersion = batch id)``: a micro-batch Spark replays after a
+   driver crash (same batch id, same offsets, from the checkpoint's offset log) is skipped by
+   Delta itself.
+2. **Feast** online store: keyed upserts of the latest score per (user, ad); a replay rewrites
+   the same values.
+3. **Kafka** scores topic and dead letters, in one Kafka transaction whose completion is recorded
+   in the scores table's log as app transaction ``<stream id>:topics`` = batch id; a replayed batch
+   whose transaction already committed is found (in the log, or on recovery in the topics
+   themselves) and not sent again (:mod:`transforms.sinks.kafka_ledger`).
+
+Spark then commits the batch to its checkpoint. The stream's id is derived from the checkpoint
+location, so a restart from the same checkpoint is the same stream, and a new checkpoint is a new
+one. Triggers: ``processingTime`` (runs until stopped) and ``availableNow`` (processes what is in
+the topic now, then stops: a scheduled batch job over a stream).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pipelines.score_config import ScoreConfig
+from schemas.scores import SCORES_PARTITION_COLUMNS
+from transforms.crashpoints import crash_point
+from transforms.score_requests import ScoringSpec
+from transforms.spark import delta_io
+from transforms.spark.score import DEAD_LETTER, KIND, QUARANTINED, SCORED, columns_of, combined_schema, make_score_fn
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.streaming import StreamingQuery
+
+log = logging.getLogger("sluice.score_stream")
+
+
+@dataclass
+class StreamSummary:
+    """What a stream run did (summed over its micro-batches); the one-screen summary at exit."""
+
+    stream_id: str
+    topic: str
+    target_uri: str
+    quarantine_uri: str
+    checkpoint: str
+    trigger: str
+    batches: int = 0
+    batches_replayed: int = 0
+    records: int = 0
+    scored: int = 0
+    dead_lettered: int = 0
+    quarantined: int = 0
+    online_written: int = 0
+    topic_batches_skipped: int = 0
+    model_versions: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    stopped_because: str = ""
+
+    @property
+    def records_per_second(self) -> float:
+        return self.records / self.seconds if self.seconds else 0.0
+
+
+def stream_id(checkpoint: str) -> str:
+    return "sluice-stream:" + hashlib.sha256(checkpoint.encode()).hexdigest()[:16]
+
+
+def checkpoint_location(cfg: ScoreConfig) -> str:
+    return cfg.spark.checkpoint or cfg.target.uri.rstrip("/") + "_checkpoint"
+
+
+def _spec(cfg: ScoreConfig) -> ScoringSpec:
+    return ScoringSpec(
+        model_path=cfg.model.path,
+        codec=cfg.kafka.codec,
+        device=cfg.model.device if cfg.model.device != "auto" else "cpu",
+        model_sha256=cfg.model.sha256,
+        model_poll_seconds=cfg.model.poll_seconds,
+        mean_ratio_bounds=cfg.validation.mean_ratio_bounds,
+        min_rows_for_mean=cfg.validation.min_rows_for_mean,
+    )
+
+
+def kafka_source(spark: SparkSession, cfg: ScoreConfig) -> DataFrame:
+    k = cfg.kafka
+    reader = (
+        spark.readStream.format("kafka")
+        .option("kafka.bootstrap.servers", k.bootstrap)
+        .option("subscribe", k.topic)
+        .option("startingOffsets", "earliest")
+    )
+    for key, value in k.client.items():
+        reader = reader.option(f"kafka.{key}", value)
+    if cfg.spark.max_offsets_per_trigger:
+        reader = reader.option("maxOffsetsPerTrigger", str(cfg.spark.max_offsets_per_trigger))
+    return reader.load().select("key", "value", "topic", "partition", "offset", "timestamp")
+
+
+class _BatchPublisher:
+    """The ``foreachBatch`` function: score once, then Delta, Feast, Kafka (module docs)."""
+
+    def __init__(self, spark: SparkSession, cfg: ScoreConfig, summary: StreamSummary) -> None:
+        from pyspark.sql.pandas.types import from_arrow_schema
+
+        self.spark = spark
+        self.cfg = cfg
+        self.summary = summary
+        self.app = summary.stream_id
+        self.spec = _spec(cfg)
+        self.out_type = from_arrow_schema(combined_schema())
+        self._feast: Any = None
+        self._kafka: Any = None
+        self.lock = threading.Lock()
+
+    def open(self) -> None:
+        """Sinks that can fail on bad config fail here, before the query starts."""
+        from transforms.kafka_admin import ensure_topics
+        from transforms.sinks.kafka_ledger import LedgeredKafkaPublisher
+
+        cfg, k = self.cfg, self.cfg.kafka
+        ensure_topics(k.bootstrap, {k.scores: 4, k.dlq: 4}, client_config=k.client)
+        if cfg.feast is not None and cfg.feast.enabled:
+            from transforms.sinks.feast_scores import FeastScoresSink
+
+            self._feast = FeastScoresSink(cfg.feast, scores_table_uri=cfg.target.uri)
+            self._feast.apply()
+        self._kafka = LedgeredKafkaPublisher(
+            k.bootstrap,
+            transactional_id=f"sluice-{self.app.split(':', 1)[1]}",
+            scores_topic=k.scores,
+            dlq_topic=k.dlq,
+            ledger_uri=cfg.target.uri,
+            ledger_app_id=f"{self.app}:topics",
+            client_config=k.client,
+            storage_options=cfg.target.storage_options,
+        )
+
+    def close(self) -> None:
+        if self._kafka is not None:
+            self._kafka.close()
+
+    def __call__(self, batch_df: DataFrame, batch_id: int) -> None:
+        from pyspark import StorageLevel
+        from pyspark.sql import functions as F
+
+        from transforms.spark.accumulators import dict_sum_accumulator
+
+        cfg = self.cfg
+        acc = self.spark.sparkContext.accumulator({}, dict_sum_accumulator())
+        scored = batch_df.mapInArrow(make_score_fn(self.spec, acc), self.out_type).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            counts = {r[KIND]: r["count"] for r in scored.groupBy(KIND).count().collect()}
+            crash_point("stream:after_scoring")
+            meta = json.dumps({"sluice": {"job": "score-stream", "stream": self.app, "batch_id": batch_id}})
+            scores = scored.filter(F.col(KIND) == SCORED).select(*columns_of(SCORED))
+            quarantine = scored.filter(F.col(KIND) == QUARANTINED).select(*columns_of(QUARANTINED))
+            dead = scored.filter(F.col(KIND) == DEAD_LETTER).select(*columns_of(DEAD_LETTER))
+            delta_io.append_idempotent(
+                scores,
+                cfg.target.uri,
+                app_id=self.app,
+                version=batch_id,
+                user_metadata=meta,
+                partition_by=SCORES_PARTITION_COLUMNS,
+            )
+            delta_io.append_idempotent(
+                quarantine, cfg.target.quarantine, app_id=self.app, version=batch_id, user_metadata=meta
+            )
+            crash_point("stream:after_delta_commit")
+            n_scored = counts.get(SCORED, 0)
+            online = 0
+            if self._feast is not None and n_scored:
+                from transforms.spark.feast_write import write_online
+
+                online = write_online(scores, self._feast, rows=n_scored, key_column="user_id")
+            crash_point("stream:after_online_write")
+            published = self._kafka.publish(batch_id, scores.toArrow(), dead.toArrow())
+            crash_point("stream:after_kafka_commit")
+        finally:
+            scored.unpersist()
+        stats: dict[str, float] = acc.value
+        with self.lock:
+            s = self.summary
+            s.batches += 1
+            s.scored += n_scored
+            s.dead_lettered += counts.get(DEAD_LETTER, 0)
+            s.quarantined += counts.get(QUARANTINED, 0)
+            s.records += n_scored + counts.get(DEAD_LETTER, 0) + counts.get(QUARANTINED, 0)
+            s.online_written += online
+            if not published:
+                s.topic_batches_skipped += 1
+            for key in stats:
+                if key.startswith("model:") and key[6:] not in s.model_versions:
+                    s.model_versions.append(key[6:])
+        log.info(
+            "micro-batch published",
+            extra={"batch_id": batch_id, "counts": counts, "kafka_published": published, "stream": self.app},
+        )
+
+
+def start_stream(cfg: ScoreConfig, spark: SparkSession) -> tuple[StreamingQuery, StreamSummary, _BatchPublisher]:
+    checkpoint = checkpoint_location(cfg)
+    summary = StreamSummary(
+        stream_id=stream_id(checkpoint),
+        topic=cfg.kafka.topic,
+        target_uri=cfg.target.uri,
+        quarantine_uri=cfg.target.quarantine,
+        checkpoint=checkpoint,
+        trigger=cfg.spark.trigger,
+    )
+    publisher = _BatchPublisher(spark, cfg, summary)
+    publisher.open()
+    writer = kafka_source(spark, cfg).writeStream.foreachBatch(publisher).option("checkpointLocation", checkpoint)
+    if cfg.spark.trigger == "availableNow":
+        writer = writer.trigger(availableNow=True)
+    else:
+        writer = writer.trigger(processingTime=cfg.spark.trigger_interval)
+    query = writer.queryName(f"sluice_score_{summary.stream_id[-8:]}").start()
+    return query, summary, publisher
+
+
+def run_stream(cfg: ScoreConfig, spark: SparkSession, *, timeout_s: float | None = None) -> StreamSummary:
+    """Run until the query ends (availableNow), is stopped (SIGTERM/SIGINT), or ``timeout_s``."""
+    t0 = time.monotonic()
+    query, summary, publisher = start_stream(cfg, spark)
+    try:
+        finished = query.awaitTermination(math.ceil(timeout_s)) if timeout_s is not None else query.awaitTermination()
+        if finished is False:
+            summary.stopped_because = f"stopped after {timeout_s:g} s"
+            query.stop()
+        else:
+            summary.stopped_because = (
+                "all available data processed" if cfg.spark.trigger == "availableNow" else "query ended"
+            )
+    except KeyboardInterrupt:
+        summary.stopped_because = "interrupted: stopped after the micro-batch in hand"
+        query.stop()
+    finally:
+        publisher.close()
+        summary.seconds = time.monotonic() - t0
+    exc = query.exception()
+    if exc is not None:
+        from transforms.errors import SinkError
+
+        raise SinkError(f"the scoring stream failed: {str(exc).splitlines()[0]}")
+    return summary

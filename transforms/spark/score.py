@@ -1,0 +1,85 @@
+"""``mapInArrow`` over :meth:`transforms.score_requests.RequestScorer.score`: the Spark side of ad scoring.
+
+Spark's Kafka source hands each task Arrow batches with exactly the columns the core takes
+(:data:`~schemas.scores.KAFKA_RECORD_SCHEMA`), so the adapter only calls the core and puts its
+three outputs into one schema: ``mapInArrow`` has a single output schema, and the driver persists
+the micro-batch's result once and splits it by ``_kind``, so no record is scored twice. The scorer
+(and its model) is loaded once per Python worker and reused across tasks and micro-batches
+(invariant 4); it watches the model registry, so a promotion reaches running executors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from schemas.scores import DEAD_LETTER_SCHEMA, SCORES_QUARANTINE_SCHEMA, SCORES_SCHEMA
+from transforms.crashpoints import crash_point
+from transforms.score_requests import ScoreStats, ScoringSpec, scorer_for
+
+if TYPE_CHECKING:
+    from pyspark import Accumulator
+
+KIND = "_kind"
+SCORED = "score"
+DEAD_LETTER = "dead_letter"
+QUARANTINED = "quarantine"
+_PARTS = ((SCORED, SCORES_SCHEMA), (DEAD_LETTER, DEAD_LETTER_SCHEMA), (QUARANTINED, SCORES_QUARANTINE_SCHEMA))
+
+
+def combined_schema() -> pa.Schema:
+    """Every column of the three outputs, once, all nullable, after ``_kind``."""
+    fields: dict[str, pa.Field] = {}
+    for _, schema in _PARTS:
+        for f in schema:
+            if f.name in fields and fields[f.name].type != f.type:
+                raise TypeError(f"column {f.name} has two types across the scoring outputs")
+            fields.setdefault(f.name, f.with_nullable(True))
+    return pa.schema([pa.field(KIND, pa.string()), *fields.values()])
+
+
+def columns_of(kind: str) -> list[str]:
+    return next(schema.names for k, schema in _PARTS if k == kind)
+
+
+def _combine(parts: dict[str, pa.RecordBatch], schema: pa.Schema) -> pa.RecordBatch:
+    columns = []
+    for f in schema:
+        pieces = []
+        for kind, batch in parts.items():
+            if f.name == KIND:
+                pieces.append(pa.array([kind] * batch.num_rows, pa.string()))
+            elif f.name in batch.schema.names:
+                pieces.append(batch.column(f.name).cast(f.type))
+            else:
+                pieces.append(pa.nulls(batch.num_rows, f.type))
+        columns.append(pa.concat_arrays(pieces))
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def make_score_fn(
+    spec: ScoringSpec, stats: Accumulator[Any] | None = None
+) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    schema = combined_schema()
+
+    def score_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        scorer = scorer_for(spec)
+        total = ScoreStats()
+        versions: set[str] = set()
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            outcome = scorer.score(batch)
+            total.add(outcome.stats)
+            versions.add(outcome.model_version)
+            yield _combine(
+                {SCORED: outcome.scores, DEAD_LETTER: outcome.dead_letters, QUARANTINED: outcome.quarantined},
+                schema,
+            )
+            crash_point("stream:mid_scoring")
+        if stats is not None:
+            stats.add({**total.as_dict(), **{f"model:{v}": 1 for v in versions}})
+
+    return score_partition
