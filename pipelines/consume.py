@@ -98,6 +98,9 @@ class ConsumeSummary:
     seconds: float = 0.0
     #: From the first record read to the last batch committed: the throughput window.
     streaming_seconds: float = 0.0
+    #: Wall-clock (epoch seconds) of the first record read and of the last batch committed.
+    first_record_at: float | None = None
+    last_commit_at: float | None = None
     stopped_because: str = ""
 
     @property
@@ -383,6 +386,7 @@ class ConsumerRunner:
                 if self._buffer:
                     if first_record is None:
                         first_record = time.monotonic()
+                        self.summary.first_record_at = time.time()
                     batch, self._buffer = self._buffer, []
                     try:
                         self._process(batch)
@@ -398,6 +402,7 @@ class ConsumerRunner:
                         continue
                     last_data = time.monotonic()
                     self.summary.streaming_seconds = last_data - first_record
+                    self.summary.last_commit_at = time.time()
                     if reporter:
                         reporter.update()
                 if max_records is not None and self.summary.stats.records >= max_records:

@@ -65,12 +65,23 @@ class StreamSummary:
     online_written: int = 0
     topic_batches_skipped: int = 0
     model_versions: list[str] = field(default_factory=list)
+    #: Wall time of the run, query start-up included (JVM start is not: the session exists).
     seconds: float = 0.0
+    #: Epoch seconds when the first micro-batch started and the last one was published.
+    first_batch_at: float | None = None
+    last_batch_at: float | None = None
     stopped_because: str = ""
 
     @property
+    def streaming_seconds(self) -> float:
+        if self.first_batch_at is None or self.last_batch_at is None:
+            return 0.0
+        return self.last_batch_at - self.first_batch_at
+
+    @property
     def records_per_second(self) -> float:
-        return self.records / self.seconds if self.seconds else 0.0
+        """Throughput over the micro-batches (first batch start to last batch published)."""
+        return self.records / self.streaming_seconds if self.streaming_seconds else 0.0
 
 
 def stream_id(checkpoint: str) -> str:
@@ -158,6 +169,7 @@ class _BatchPublisher:
         from transforms.spark.accumulators import dict_sum_accumulator
 
         cfg = self.cfg
+        started = time.time()
         acc = self.spark.sparkContext.accumulator({}, dict_sum_accumulator())
         scored = batch_df.mapInArrow(make_score_fn(self.spec, acc), self.out_type).persist(StorageLevel.MEMORY_AND_DISK)
         try:
@@ -193,6 +205,9 @@ class _BatchPublisher:
         stats: dict[str, float] = acc.value
         with self.lock:
             s = self.summary
+            if s.first_batch_at is None:
+                s.first_batch_at = started
+            s.last_batch_at = time.time()
             s.batches += 1
             s.scored += n_scored
             s.dead_lettered += counts.get(DEAD_LETTER, 0)

@@ -233,14 +233,19 @@ def test_two_consumers_split_the_partitions_and_score_each_event_once(
     kafka: KafkaBroker, ctr_artifact: Path, tmp_path: Path
 ) -> None:
     topic = unique_topic("ads")
-    report = produce_ad_requests(
-        kafka.bootstrap, topic, events=20_000, poison_fraction=0.01, seed=31, partitions=PARTITIONS, progress=False
-    )
+    ensure_topics(kafka.bootstrap, {topic: PARTITIONS})
     config = _config(tmp_path, kafka.bootstrap, topic, ctr_artifact, None, max_records=1_000)
     summaries = [tmp_path / f"summary-{i}.json" for i in range(2)]
     procs = [
-        _start(config, "--instance", str(i), "--idle-exit", "10", "--summary-json", str(summaries[i])) for i in range(2)
+        _start(config, "--instance", str(i), "--idle-exit", "25", "--summary-json", str(summaries[i])) for i in range(2)
     ]
+    # Produce only once both are in the group: a consumer that starts first would otherwise take
+    # every partition and finish the topic before the other one joins (a slow CI machine did).
+    for p in procs:
+        _wait_for_log(p, "partitions assigned")
+    report = produce_ad_requests(
+        kafka.bootstrap, topic, events=20_000, poison_fraction=0.01, seed=31, partitions=PARTITIONS, progress=False
+    )
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
