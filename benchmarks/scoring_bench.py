@@ -179,14 +179,13 @@ def run_consumers(config: Path, instances: int, work: Path) -> dict[str, Any]:
                 ],
                 env={**os.environ, "SLUICE_LOG_FORMAT": "json"},
                 stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
+                stderr=out.with_suffix(".log").open("w"),  # a file: an undrained pipe would stall it
             )
         )
-    for p in procs:
-        _, err = p.communicate(timeout=1800)
+    for p, out in zip(procs, outs, strict=True):
+        p.wait(timeout=1800)
         if p.returncode != 0:
-            raise SystemExit(f"sluice consume failed: {err[-3000:]}")
+            raise SystemExit(f"sluice consume failed: {out.with_suffix('.log').read_text()[-3000:]}")
     summaries = [json.loads(o.read_text()) for o in outs]
     first = min(s["first_record_at"] for s in summaries if s["first_record_at"])
     last = max(s["last_commit_at"] for s in summaries if s["last_commit_at"])

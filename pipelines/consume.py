@@ -28,6 +28,13 @@ beginning: nothing of this group reached Kafka, and Delta skips the rows it alre
 drain: the batch in hand is finished and committed, the consumer leaves the group, the process
 prints its summary and exits 0. A transactional id fenced by a newer instance means another
 process took this one's place: it stops without committing.
+
+Batches are pipelined (``batching.pipeline``, on by default): batch N is published (steps 1-3) on
+a thread while batch N+1 is read and scored, so the publish's waits (the Delta and Kafka commits,
+Redis round trips) overlap the scoring's CPU. The order of the commits is unchanged: one batch
+publishes at a time, in offset order. If a batch is dropped (its Kafka commit refused after a
+rebalance), everything read after it is dropped too and the partitions rewind to the group's
+committed offsets; a rebalance callback first waits for the batch being published.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -49,7 +57,7 @@ from pipelines.score_config import ScoreConfig
 from schemas.scores import KAFKA_RECORD_SCHEMA, SCORES_PARTITION_COLUMNS, SCORES_QUARANTINE_SCHEMA, SCORES_SCHEMA
 from transforms.crashpoints import crash_point
 from transforms.errors import SinkError, SourceError
-from transforms.score_requests import RequestScorer, ScoreStats, ScoringSpec
+from transforms.score_requests import RequestScorer, ScoreOutcome, ScoreStats, ScoringSpec
 from transforms.sinks.kafka_outputs import ProducerFenced
 
 if TYPE_CHECKING:
@@ -108,6 +116,15 @@ class ConsumeSummary:
         return self.stats.records / self.streaming_seconds if self.streaming_seconds else 0.0
 
 
+@dataclass
+class _Scored:
+    """A scored batch on its way to the publisher, and the assignment epoch it was read under."""
+
+    outcome: ScoreOutcome
+    through: dict[tuple[str, int], int]
+    epoch: int
+
+
 def _records(messages: list[Message]) -> pa.RecordBatch:
     """librdkafka messages as one :data:`KAFKA_RECORD_SCHEMA` batch (the core's input)."""
     from confluent_kafka import TIMESTAMP_NOT_AVAILABLE
@@ -156,6 +173,11 @@ class ConsumerRunner:
         self._kafka_out: TransactionalKafkaSink | None = None
         self._scorer: RequestScorer | None = None
         self._compactor: _Compactor | None = None
+        self._publisher: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
+        #: Bumped whenever what was read so far must not be published (a dropped batch: the
+        #: partitions rewind); a scored batch from an older epoch is discarded at hand-over.
+        self._epoch = 0
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -236,6 +258,8 @@ class ConsumerRunner:
             },
             logger=logging.getLogger("sluice.consume.librdkafka"),
         )
+        if cfg.batching.pipeline:
+            self._publisher = ThreadPoolExecutor(1, thread_name_prefix="sluice-publish")
         self._consumer.subscribe([k.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
 
     def _check_source_topic(self) -> None:
@@ -255,10 +279,20 @@ class ConsumerRunner:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Resume each partition at the group's committed offset, else after Delta's record."""
+        self._settle(in_callback=True)
+        self.summary.rebalances += 1
+        self._resume_positions(consumer, partitions)
+        log.info(
+            "partitions assigned",
+            extra={"partitions": {f"{p.topic}[{p.partition}]": p.offset for p in partitions}},
+        )
+        consumer.assign(partitions)
+
+    def _resume_positions(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Set each partition's offset to where this group resumes it (module docs)."""
         from confluent_kafka import OFFSET_INVALID
 
         assert self._scores is not None and self._quarantine is not None
-        self.summary.rebalances += 1
         tps = [(p.topic, p.partition) for p in partitions]
         self._scores.refresh(tps)
         self._quarantine.refresh(tps)
@@ -271,15 +305,11 @@ class ConsumerRunner:
                     p.offset = published + 1
             else:
                 p.offset = c.offset
-        log.info(
-            "partitions assigned",
-            extra={"partitions": {f"{p.topic}[{p.partition}]": p.offset for p in partitions}},
-        )
-        consumer.assign(partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Drop what was read but not processed: the partition's next owner re-reads it from the
-        committed offset. No transaction is ever open here (batches finish before the next poll)."""
+        committed offset. The batch being published finishes (or is dropped) first."""
+        self._settle(in_callback=True)
         gone = {(p.topic, p.partition) for p in partitions}
         self._buffer = [m for m in self._buffer if (m.topic(), m.partition()) not in gone]
         for tp in gone:  # the next owner records its own progress for these
@@ -313,10 +343,8 @@ class ConsumerRunner:
             if msgs and first_at is None:
                 first_at = time.monotonic()
 
-    def _process(self, messages: list[Message]) -> None:
-        assert self._scorer and self._scores and self._quarantine and self._kafka_out and self._consumer
-        from confluent_kafka import TopicPartition
-
+    def _score(self, messages: list[Message]) -> _Scored:
+        assert self._scorer is not None
         clock = _StepClock(self.summary.step_seconds)
         records = _records(messages)
         clock.lap("read")
@@ -335,6 +363,63 @@ class ConsumerRunner:
             tp = (topic, partition)
             if offset > through.get(tp, -1):
                 through[tp] = offset
+        clock.lap("score")
+        return _Scored(outcome, through, self._epoch)
+
+    def _hand_over(self, scored: _Scored) -> None:
+        """Publish ``scored`` once the batch before it is published (on the publisher thread when
+        pipelined): unless a dropped batch before it made it stale."""
+        self._settle()
+        if scored.epoch != self._epoch:
+            return  # read before a dropped batch's rewind: its records will be read again
+        if self._publisher is None:
+            try:
+                self._publish(scored)
+            except SinkError as exc:
+                self._dropped(exc, in_callback=False)
+        else:
+            self._pending = self._publisher.submit(self._publish, scored)
+
+    def _settle(self, *, in_callback: bool = False) -> None:
+        """Wait for the batch being published; a refused commit after a rebalance drops it."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.result()
+        except SinkError as exc:
+            self._dropped(exc, in_callback=in_callback)
+
+    def _dropped(self, exc: SinkError, *, in_callback: bool) -> None:
+        """A batch's Kafka transaction was aborted: nothing of it is on the topics and the group's
+        offsets did not move. Its partitions' owner replays it (Delta skips the rows it already
+        holds), so nothing read after it may be published: drop that too and rewind."""
+        assert self._kafka_out is not None and self._consumer is not None
+        if isinstance(exc, ProducerFenced) or not (self._kafka_out.usable and _rebalanced(exc)):
+            raise exc
+        log.warning("batch dropped, the group rebalanced under it: %s", exc)
+        self.summary.batches_dropped += 1
+        self._epoch += 1
+        self._buffer = []
+        if in_callback:
+            return  # the assignment that follows sets the positions
+        try:
+            partitions = self._consumer.assignment()
+            if partitions:
+                self._resume_positions(self._consumer, partitions)
+                for p in partitions:
+                    if p.offset >= 0:
+                        self._consumer.seek(p)
+        except Exception as rewind_error:  # the rebalance under way will set the positions anyway
+            log.warning("could not rewind after the dropped batch (the rebalance will): %s", rewind_error)
+
+    def _publish(self, scored: _Scored) -> None:
+        """Delta, then Feast, then the Kafka transaction with the offsets (module docs)."""
+        assert self._scores and self._quarantine and self._kafka_out and self._consumer
+        from confluent_kafka import TopicPartition
+
+        clock = _StepClock(self.summary.step_seconds)
+        outcome, through = scored.outcome, scored.through
         meta = {
             "sluice.job": "consume",
             "sluice.instance": self.instance_id,
@@ -371,6 +456,9 @@ class ConsumerRunner:
         s.replayed_rows_skipped += written.rows_skipped
         if outcome.model_version not in s.model_versions:
             s.model_versions.append(outcome.model_version)
+        s.last_commit_at = time.time()
+        if s.first_record_at is not None:
+            s.streaming_seconds = s.last_commit_at - s.first_record_at
 
     def run(self, *, max_records: int | None = None, idle_exit_s: float | None = None) -> ConsumeSummary:
         """Consume until SIGTERM/SIGINT (or ``max_records`` records, or ``idle_exit_s`` without any)."""
@@ -378,33 +466,20 @@ class ConsumerRunner:
         self._open()
         assert self._consumer is not None and self._kafka_out is not None
         last_data = time.monotonic()
-        first_record: float | None = None
         reporter = _Reporter(self) if self.progress else None
         try:
             while not self.stop_requested.is_set():
                 self._fill(deadline_s=time.monotonic() + 1.0)
                 if self._buffer:
-                    if first_record is None:
-                        first_record = time.monotonic()
+                    if self.summary.first_record_at is None:
                         self.summary.first_record_at = time.time()
                     batch, self._buffer = self._buffer, []
-                    try:
-                        self._process(batch)
-                    except ProducerFenced:
-                        raise  # another instance with this id took over: stop without committing
-                    except SinkError as exc:
-                        if not (self._kafka_out.usable and _rebalanced(exc)):
-                            raise
-                        # Aborted: nothing of it is on the topics and the offsets did not move; the
-                        # partitions' new owner replays it (Delta skips the rows it already holds).
-                        log.warning("batch dropped, the group rebalanced under it: %s", exc)
-                        self.summary.batches_dropped += 1
-                        continue
+                    self._hand_over(self._score(batch))
                     last_data = time.monotonic()
-                    self.summary.streaming_seconds = last_data - first_record
-                    self.summary.last_commit_at = time.time()
                     if reporter:
                         reporter.update()
+                elif self._pending is not None and self._pending.done():
+                    self._settle()  # idle: surface the last batch's outcome now
                 if max_records is not None and self.summary.stats.records >= max_records:
                     self.summary.stopped_because = f"read {max_records} records"
                     break
@@ -413,8 +488,10 @@ class ConsumerRunner:
                     break
             else:
                 self.summary.stopped_because = "stop requested (SIGTERM/SIGINT): drained"
+            self._settle()
             self._record_published()
         finally:
+            self._abandon_pending()
             if reporter:
                 reporter.close()
             self._close()
@@ -431,6 +508,19 @@ class ConsumerRunner:
             self._published_since_last_delta = {}
         except SinkError as exc:
             log.warning("could not record the published offsets on stop: %s", exc)
+
+    def _abandon_pending(self) -> None:
+        """On the way out after an error: let a batch being published finish before the clients
+        close under it (its outcome no longer matters: the group replays what is uncommitted)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending.result()
+            except Exception as exc:
+                log.warning("the batch being published when the consumer stopped failed: %s", exc)
+        if self._publisher is not None:
+            self._publisher.shutdown(wait=True)
+            self._publisher = None
 
     def _close(self) -> None:
         if self._compactor is not None:

@@ -74,6 +74,11 @@ class ScoreTargetConfig(_Strict):
 class StreamBatchingConfig(_Strict):
     max_records: int = Field(20_000, ge=1, description="records per micro-batch (consumer)")
     max_wait_ms: int = Field(200, ge=1, description="a micro-batch closes this long after its first record")
+    pipeline: bool = Field(
+        True,
+        description="consumer: publish batch N (Delta, Feast, Kafka) on a thread while batch N+1 is read and "
+        "scored; false: one batch at a time",
+    )
 
 
 class ScoreValidationConfig(_Strict):
