@@ -123,6 +123,9 @@ class _Scored:
     outcome: ScoreOutcome
     through: dict[tuple[str, int], int]
     epoch: int
+    #: The consumer's group metadata (generation) as of reading: taken on the main thread, since
+    #: the client serialises calls and a rebalance callback waiting for the publisher holds it.
+    group_metadata: Any = None
 
 
 def _records(messages: list[Message]) -> pa.RecordBatch:
@@ -372,6 +375,9 @@ class ConsumerRunner:
         self._settle()
         if scored.epoch != self._epoch:
             return  # read before a dropped batch's rewind: its records will be read again
+        assert self._consumer is not None
+        # A rebalance after this makes the commit fail (old generation): the batch is dropped.
+        scored.group_metadata = self._consumer.consumer_group_metadata()
         if self._publisher is None:
             try:
                 self._publish(scored)
@@ -415,7 +421,7 @@ class ConsumerRunner:
 
     def _publish(self, scored: _Scored) -> None:
         """Delta, then Feast, then the Kafka transaction with the offsets (module docs)."""
-        assert self._scores and self._quarantine and self._kafka_out and self._consumer
+        assert self._scores and self._quarantine and self._kafka_out
         from confluent_kafka import TopicPartition
 
         clock = _StepClock(self.summary.step_seconds)
@@ -443,7 +449,7 @@ class ConsumerRunner:
         out.produce_dead_letters(outcome.dead_letters)
         crash_point("consume:before_kafka_commit")
         offsets = [TopicPartition(t, p, o + 1) for (t, p), o in through.items()]
-        out.commit(offsets, self._consumer.consumer_group_metadata())
+        out.commit(offsets, scored.group_metadata)
         # Recorded in Delta with the next batch's commit: where a group without offsets resumes.
         self._published_since_last_delta = dict(through)
         clock.lap("kafka")

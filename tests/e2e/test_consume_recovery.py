@@ -229,33 +229,44 @@ def test_broker_restart_mid_stream_loses_nothing(kafka: KafkaBroker, ctr_artifac
     )
 
 
-def test_two_consumers_split_the_partitions_and_score_each_event_once(
+def test_a_consumer_joining_mid_stream_splits_the_partitions_and_each_event_is_scored_once(
     kafka: KafkaBroker, ctr_artifact: Path, tmp_path: Path
 ) -> None:
+    """The second consumer joins while the first is publishing: the first one's rebalance callback
+    runs with a batch in flight (pipelined), and no event is lost or scored twice."""
     topic = unique_topic("ads")
     ensure_topics(kafka.bootstrap, {topic: PARTITIONS})
     config = _config(tmp_path, kafka.bootstrap, topic, ctr_artifact, None, max_records=1_000)
     summaries = [tmp_path / f"summary-{i}.json" for i in range(2)]
-    procs = [
-        _start(config, "--instance", str(i), "--idle-exit", "25", "--summary-json", str(summaries[i])) for i in range(2)
-    ]
-    # Produce only once both are in the group: a consumer that starts first would otherwise take
-    # every partition and finish the topic before the other one joins (a slow CI machine did).
-    for p in procs:
-        _wait_for_log(p, "partitions assigned")
-    report = produce_ad_requests(
-        kafka.bootstrap, topic, events=20_000, poison_fraction=0.01, seed=31, partitions=PARTITIONS, progress=False
-    )
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
+
+    def start(i: int) -> subprocess.Popen[str]:
+        return _start(config, "--instance", str(i), "--idle-exit", "15", "--summary-json", str(summaries[i]))
+
+    report: dict[str, ProduceReport] = {}
+
+    def produce() -> None:  # ~30-40 s, so the second consumer joins while requests still flow
+        report["r"] = produce_ad_requests(
+            kafka.bootstrap, topic, events=60_000, rate=2_000, poison_fraction=0.01, seed=31, progress=False
+        )
+
+    first = start(0)
+    _wait_for_log(first, "partitions assigned")
+    producer = threading.Thread(target=produce)
+    producer.start()
+    second = start(1)  # its start-up (imports, model, Feast, producer init) takes ~20 s here
+    _wait_for_log(second, "partitions assigned")
+    assert producer.is_alive(), "the second consumer joined after production ended: nothing was split"
+    producer.join()
+    for p in (first, second):
+        p.wait(timeout=300)
+        assert p.returncode == 0, f"consumer exited {p.returncode}"
     import json
 
     done = [json.loads(s.read_text()) for s in summaries]
     assert all(d["stats"]["records"] > 0 for d in done), "one consumer got no partitions"
-    assert sum(d["stats"]["records"] for d in done) >= report.events
+    assert done[0]["rebalances"] >= 2, done[0]
     check_outputs(
-        report,
+        report["r"],
         bootstrap=kafka.bootstrap,
         target=tmp_path / "scores",
         quarantine=tmp_path / "scores_quarantine",

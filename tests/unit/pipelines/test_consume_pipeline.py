@@ -32,6 +32,9 @@ class _Consumer:
     def seek(self, p: Any) -> None:
         self.seeks.append(p)
 
+    def consumer_group_metadata(self) -> object:
+        return object()
+
 
 def _runner(tmp_path: Any, *, pipelined: bool) -> tuple[ConsumerRunner, list[int]]:
     cfg = ScoreConfig.model_validate(
