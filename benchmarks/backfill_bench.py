@@ -441,10 +441,10 @@ def spark_warmup(spark: Any, tmp: Path) -> float:
 
 def run_b(spark: Any, tmp: Path, items_uri: str, device: str, n_rows: int) -> dict[str, Any]:
     import pipelines.backfill as bf
-    from pipelines.config import load_config
+    from pipelines.config import BackfillConfig, load_config
     from transforms.sinks.feast_online import FeastConfig
 
-    cfg = load_config(
+    cfg: BackfillConfig = load_config(
         overrides={
             "source": {"uri": items_uri},
             "target": {"uri": str(tmp / "b_embeddings")},

@@ -104,7 +104,9 @@ def start_redis(work: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"127.0.0.1:{port}"
 
 
-def write_config(path: Path, *, bootstrap: str, topic: str, group: str, model: Path, target: Path, redis: str) -> Path:
+def write_config(
+    path: Path, *, bootstrap: str, topic: str, group: str, model: Path, target: Path, redis: str, pipeline: bool = True
+) -> Path:
     cfg = {
         "kafka": {"bootstrap": bootstrap, "topic": topic, "group": group},
         "model": {"path": str(model), "device": "cpu"},
@@ -113,7 +115,7 @@ def write_config(path: Path, *, bootstrap: str, topic: str, group: str, model: P
             "registry": str(target.parent / "feast" / "registry.db"),
             "online_store": {"type": "redis", "connection_string": redis},
         },
-        "batching": {"max_records": 20_000, "max_wait_ms": 100},
+        "batching": {"max_records": 20_000, "max_wait_ms": 100, "pipeline": pipeline},
         "spark": {"master": "local[2]", "max_offsets_per_trigger": 100_000, "trigger_interval": "500 milliseconds"},
     }
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -158,6 +160,7 @@ def consume_only(bootstrap: str, topic: str, n: int) -> dict[str, Any]:
 
 
 def run_consumers(config: Path, instances: int, work: Path) -> dict[str, Any]:
+    work.mkdir(parents=True, exist_ok=True)
     procs = []
     outs = []
     for i in range(instances):
@@ -292,15 +295,16 @@ class TopicTail:
                 "fetch.wait.max.ms": 10,
             }
         )
-        self.consumer.subscribe([topic])
+        self.assigned = threading.Event()
+        # The client serialises calls across threads: learn of the assignment from its callback,
+        # not by calling assignment() while the reading thread is inside consume().
+        self.consumer.subscribe([topic], on_assign=lambda _c, _p: self.assigned.set())
         self.latencies_ms: list[float] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
-        # wait for the assignment so nothing produced from now on is missed
-        deadline = time.monotonic() + 30
-        while not self.consumer.assignment() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        if not self.assigned.wait(60):  # so nothing produced from now on is missed
+            raise SystemExit(f"the scores-topic reader got no assignment for {topic}")
 
     def _run(self) -> None:
         while not self.stop.is_set():
@@ -368,7 +372,7 @@ def latency_run(
     ready_text: str,
 ) -> dict[str, Any]:
     proc = subprocess.Popen(
-        [sluice_bin(), *runner, "--config", str(config)],
+        [sluice_bin(), *runner, "--config", str(config), "--summary-json", str(target.parent / "summary.json")],
         env={**os.environ, "SLUICE_LOG_FORMAT": "json"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -395,10 +399,17 @@ def latency_run(
         proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+    summary_file = target.parent / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    batches = summary.get("batches") or 0
     return {
         "rate": rate,
         "seconds": seconds,
         "sent": sent,
+        "batches": batches,
+        "step_ms_per_batch": {k: round(1000 * v / batches, 1) for k, v in (summary.get("step_seconds") or {}).items()}
+        if batches
+        else {},
         "topic_ms": percentiles(topic_lat),
         "delta_ms": percentiles(delta_latencies(str(target), since)),
     }
@@ -426,10 +437,11 @@ def verdict(ok: bool | None) -> str:
 def report_markdown(r: dict[str, Any], rel: str) -> str:
     m = r["meta"]
     c1, c2 = r.get("consume_1") or {}, r.get("consume_2") or {}
+    c1s = r.get("consume_1_serial") or {}
     lat = r.get("consume_latency") or {}
     sp, spl = r.get("spark_available_now") or {}, r.get("spark_latency") or {}
     ceiling = (r.get("ceiling") or {}).get("events_per_s")
-    best = max((x.get("events_per_s") or 0 for x in (c1, c2)), default=0) or None
+    best = max((x.get("events_per_s") or 0 for x in (c1, c1s, c2)), default=0) or None
     lines = [
         MARK_START,
         "",
@@ -442,8 +454,10 @@ def report_markdown(r: dict[str, Any], rel: str) -> str:
         "| measurement | events/s | notes |",
         "|---|---|---|",
         f"| (1) consume-only ceiling (same client settings, no processing) | {_f(ceiling)} | |",
-        f"| (2) `sluice consume`, 1 process | {_f(c1.get('events_per_s'))} "
+        f"| (2) `sluice consume`, 1 process, `batching.pipeline: true` | {_f(c1.get('events_per_s'))} "
         "| Delta + Feast Redis + scores topic, exactly once |",
+        f"| (2) `sluice consume`, 1 process, `batching.pipeline: false` (default) | {_f(c1s.get('events_per_s'))} "
+        "| one batch at a time |",
         f"| (2) `sluice consume`, 2 processes, one group | {_f(c2.get('events_per_s'))} | same, partitions split |",
         f"| (4) `sluice score-stream --engine spark`, availableNow | {_f(sp.get('events_per_s'))} "
         f"| {sp.get('batches', '—')} micro-batches, local[2] |",
@@ -499,7 +513,9 @@ def main(argv: list[str] | None = None) -> int:
         help="events/s for the Spark latency run (default: half its availableNow rate, at most --rate)",
     )
     ap.add_argument("--train-rows", type=int, default=2_000_000)
-    ap.add_argument("--skip", default="", help="comma list of ceiling,consume1,consume2,latency,spark,spark_latency")
+    ap.add_argument(
+        "--skip", default="", help="comma list of ceiling,consume1,consume1_serial,consume2,latency,spark,spark_latency"
+    )
     ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
     ap.add_argument("--no-readme", action="store_true")
     args = ap.parse_args(argv)
@@ -548,20 +564,21 @@ def main(argv: list[str] | None = None) -> int:
         if "ceiling" not in skip:
             r["ceiling"] = consume_only(broker.bootstrap, topic, args.events)
             log(f"(1) consume-only ceiling {r['ceiling']['events_per_s']:,.0f} events/s")
-        for n, key in ((1, "consume1"), (2, "consume2")):
+        for n, key, pipeline in ((1, "consume1", True), (1, "consume1_serial", False), (2, "consume2", True)):
             if key in skip:
                 continue
             cfg = write_config(
-                work / f"consume-{n}.yaml",
+                work / f"{key}.yaml",
                 bootstrap=broker.bootstrap,
                 topic=topic,
-                group=f"bench-{n}",
+                group=f"bench-{key}",
                 model=model,
-                target=work / f"scores-{n}" / "scores",
+                target=work / key / "scores",
                 redis=redis,
+                pipeline=pipeline,
             )
-            r[f"consume_{n}"] = run_consumers(cfg, n, work)
-            log(f"(2) sluice consume x{n}: {r[f'consume_{n}']['events_per_s']:,.0f} events/s")
+            res = r[key.replace("consume", "consume_")] = run_consumers(cfg, n, work / key)
+            log(f"(2) sluice consume x{n} (pipeline {pipeline}): {res['events_per_s']:,.0f} events/s")
         if "latency" not in skip:
             lt = "bench-latency"
             ensure_topics(broker.bootstrap, {lt: PARTITIONS})

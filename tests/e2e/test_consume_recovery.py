@@ -236,7 +236,7 @@ def test_a_consumer_joining_mid_stream_splits_the_partitions_and_each_event_is_s
     runs with a batch in flight (pipelined), and no event is lost or scored twice."""
     topic = unique_topic("ads")
     ensure_topics(kafka.bootstrap, {topic: PARTITIONS})
-    config = _config(tmp_path, kafka.bootstrap, topic, ctr_artifact, None, max_records=1_000)
+    config = _config(tmp_path, kafka.bootstrap, topic, ctr_artifact, None, max_records=1_000, pipeline=True)
     summaries = [tmp_path / f"summary-{i}.json" for i in range(2)]
 
     def start(i: int) -> subprocess.Popen[str]:
