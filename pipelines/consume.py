@@ -55,7 +55,13 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from pipelines.score_config import ScoreConfig
-from schemas.scores import KAFKA_RECORD_SCHEMA, SCORES_PARTITION_COLUMNS, SCORES_QUARANTINE_SCHEMA, SCORES_SCHEMA
+from schemas.scores import (
+    KAFKA_RECORD_SCHEMA,
+    OUTPUT_TOPIC_PARTITIONS,
+    SCORES_PARTITION_COLUMNS,
+    SCORES_QUARANTINE_SCHEMA,
+    SCORES_SCHEMA,
+)
 from transforms.crashpoints import crash_point
 from transforms.errors import SinkError, SourceError
 from transforms.score_requests import RequestScorer, ScoreOutcome, ScoreStats, ScoringSpec
@@ -70,8 +76,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sluice.consume")
 
-#: Partitions of the scores and dead-letter topics when the runner creates them.
-OUTPUT_PARTITIONS = 4
 _POLL_S = 0.05
 
 
@@ -214,7 +218,9 @@ class ConsumerRunner:
             )
         )
         self._check_source_topic()
-        ensure_topics(k.bootstrap, {k.scores: OUTPUT_PARTITIONS, k.dlq: OUTPUT_PARTITIONS}, client_config=k.client)
+        ensure_topics(
+            k.bootstrap, {k.scores: OUTPUT_TOPIC_PARTITIONS, k.dlq: OUTPUT_TOPIC_PARTITIONS}, client_config=k.client
+        )
         self._scores = OffsetTrackedDeltaSink(
             cfg.target.uri,
             SCORES_SCHEMA,

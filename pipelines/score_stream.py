@@ -137,11 +137,14 @@ class _BatchPublisher:
 
     def open(self) -> None:
         """Sinks that can fail on bad config fail here, before the query starts."""
+        from schemas.scores import OUTPUT_TOPIC_PARTITIONS
         from transforms.kafka_admin import ensure_topics
         from transforms.sinks.kafka_ledger import LedgeredKafkaPublisher
 
         cfg, k = self.cfg, self.cfg.kafka
-        ensure_topics(k.bootstrap, {k.scores: 4, k.dlq: 4}, client_config=k.client)
+        ensure_topics(
+            k.bootstrap, {k.scores: OUTPUT_TOPIC_PARTITIONS, k.dlq: OUTPUT_TOPIC_PARTITIONS}, client_config=k.client
+        )
         if cfg.feast is not None and cfg.feast.enabled:
             from transforms.sinks.feast_scores import FeastScoresSink
 

@@ -105,3 +105,7 @@ DLQ_HEADERS: tuple[str, ...] = (
 
 def dlq_topic(topic: str) -> str:
     return f"{topic}.dlq"
+
+
+#: Partitions of the scores and dead-letter topics when a runner creates them (both runners).
+OUTPUT_TOPIC_PARTITIONS = 4
