@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from pipelines.score_config import ScoreConfig
+from pipelines.step_times import StepClock
 from schemas.scores import (
     KAFKA_RECORD_SCHEMA,
     OUTPUT_TOPIC_PARTITIONS,
@@ -213,6 +214,7 @@ class ConsumerRunner:
                 device=device,
                 model_sha256=cfg.model.sha256,
                 model_poll_seconds=cfg.model.poll_seconds,
+                threads=cfg.model.threads,
                 mean_ratio_bounds=cfg.validation.mean_ratio_bounds,
                 min_rows_for_mean=cfg.validation.min_rows_for_mean,
             )
@@ -355,7 +357,7 @@ class ConsumerRunner:
 
     def _score(self, messages: list[Message]) -> _Scored:
         assert self._scorer is not None
-        clock = _StepClock(self.summary.step_seconds)
+        clock = StepClock(self.summary.step_seconds)
         records = _records(messages)
         clock.lap("read")
         crash_point("consume:after_read")
@@ -431,7 +433,7 @@ class ConsumerRunner:
         assert self._scores and self._quarantine and self._kafka_out
         from confluent_kafka import TopicPartition
 
-        clock = _StepClock(self.summary.step_seconds)
+        clock = StepClock(self.summary.step_seconds)
         outcome, through = scored.outcome, scored.through
         meta = {
             "sluice.job": "consume",
@@ -554,19 +556,6 @@ class ConsumerRunner:
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-
-
-class _StepClock:
-    """Adds the time since the last lap to ``totals[step]``."""
-
-    def __init__(self, totals: dict[str, float]) -> None:
-        self.totals = totals
-        self.t = time.perf_counter()
-
-    def lap(self, step: str) -> None:
-        now = time.perf_counter()
-        self.totals[step] = self.totals.get(step, 0.0) + now - self.t
-        self.t = now
 
 
 def _rebalanced(exc: BaseException) -> bool:

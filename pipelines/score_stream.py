@@ -33,11 +33,21 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipelines.score_config import ScoreConfig
+from pipelines.step_times import StepClock
 from schemas.scores import SCORES_PARTITION_COLUMNS
 from transforms.crashpoints import crash_point
 from transforms.score_requests import ScoringSpec
 from transforms.spark import delta_io
-from transforms.spark.score import DEAD_LETTER, KIND, QUARANTINED, SCORED, columns_of, combined_schema, make_score_fn
+from transforms.spark.score import (
+    DEAD_LETTER,
+    KIND,
+    QUARANTINED,
+    SCORED,
+    columns_of,
+    combined_schema,
+    make_score_fn,
+    warm_workers,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -65,6 +75,9 @@ class StreamSummary:
     online_written: int = 0
     topic_batches_skipped: int = 0
     model_versions: list[str] = field(default_factory=list)
+    #: Driver seconds per step, summed over micro-batches: score (the scoring job, persisted),
+    #: delta (both appends), feast, kafka (collect + the ledgered transaction).
+    step_seconds: dict[str, float] = field(default_factory=dict)
     #: Wall time of the run, query start-up included (JVM start is not: the session exists).
     seconds: float = 0.0
     #: Epoch seconds when the first micro-batch started and the last one was published.
@@ -142,6 +155,11 @@ class _BatchPublisher:
         from transforms.sinks.kafka_ledger import LedgeredKafkaPublisher
 
         cfg, k = self.cfg, self.cfg.kafka
+        delta_io.check_writable(cfg.target.uri)
+        delta_io.check_writable(cfg.target.quarantine)
+        # Micro-batches append to the quarantine table only when they quarantine something.
+        empty = self.spark.createDataFrame([], self.out_type).select(*columns_of(QUARANTINED))
+        delta_io.create_if_missing(empty, cfg.target.quarantine)
         ensure_topics(
             k.bootstrap, {k.scores: OUTPUT_TOPIC_PARTITIONS, k.dlq: OUTPUT_TOPIC_PARTITIONS}, client_config=k.client
         )
@@ -173,10 +191,13 @@ class _BatchPublisher:
 
         cfg = self.cfg
         started = time.time()
+        steps: dict[str, float] = {}
+        clock = StepClock(steps)
         acc = self.spark.sparkContext.accumulator({}, dict_sum_accumulator())
         scored = batch_df.mapInArrow(make_score_fn(self.spec, acc), self.out_type).persist(StorageLevel.MEMORY_AND_DISK)
         try:
             counts = {r[KIND]: r["count"] for r in scored.groupBy(KIND).count().collect()}
+            clock.lap("score")
             crash_point("stream:after_scoring")
             meta = json.dumps({"sluice": {"job": "score-stream", "stream": self.app, "batch_id": batch_id}})
             scores = scored.filter(F.col(KIND) == SCORED).select(*columns_of(SCORED))
@@ -190,18 +211,27 @@ class _BatchPublisher:
                 user_metadata=meta,
                 partition_by=SCORES_PARTITION_COLUMNS,
             )
-            delta_io.append_idempotent(
-                quarantine, cfg.target.quarantine, app_id=self.app, version=batch_id, user_metadata=meta
-            )
+            if counts.get(QUARANTINED, 0):
+                # An empty append would cost a whole Delta commit (~1 s on 2 cores) to record
+                # nothing: a replay of this batch id reads the same offsets, so it quarantines the
+                # same (no) rows again.
+                delta_io.append_idempotent(
+                    quarantine, cfg.target.quarantine, app_id=self.app, version=batch_id, user_metadata=meta
+                )
+            clock.lap("delta")
             crash_point("stream:after_delta_commit")
             n_scored = counts.get(SCORED, 0)
+            # The Kafka transaction needs the scores on the driver: collected once, for Feast too.
+            scores_rows = scores.toArrow()
             online = 0
             if self._feast is not None and n_scored:
                 from transforms.spark.feast_write import write_online
 
-                online = write_online(scores, self._feast, rows=n_scored, key_column="user_id")
+                online = write_online(scores, self._feast, rows=n_scored, key_column="user_id", collected=scores_rows)
+            clock.lap("feast")
             crash_point("stream:after_online_write")
-            published = self._kafka.publish(batch_id, scores.toArrow(), dead.toArrow())
+            published = self._kafka.publish(batch_id, scores_rows, dead.toArrow())
+            clock.lap("kafka")
             crash_point("stream:after_kafka_commit")
         finally:
             scored.unpersist()
@@ -219,12 +249,22 @@ class _BatchPublisher:
             s.online_written += online
             if not published:
                 s.topic_batches_skipped += 1
+            for step, seconds in steps.items():
+                s.step_seconds[step] = s.step_seconds.get(step, 0.0) + seconds
             for key in stats:
                 if key.startswith("model:") and key[6:] not in s.model_versions:
                     s.model_versions.append(key[6:])
         log.info(
             "micro-batch published",
-            extra={"batch_id": batch_id, "counts": counts, "kafka_published": published, "stream": self.app},
+            extra={
+                "batch_id": batch_id,
+                "counts": counts,
+                "kafka_published": published,
+                "stream": self.app,
+                "step_seconds": {k: round(v, 3) for k, v in steps.items()},
+                # Summed over the batch's tasks: where the executors' Python time went.
+                "core_seconds": {k: round(v, 3) for k, v in stats.items() if k.endswith("_seconds")},
+            },
         )
 
 
@@ -240,6 +280,11 @@ def start_stream(cfg: ScoreConfig, spark: SparkSession) -> tuple[StreamingQuery,
     )
     publisher = _BatchPublisher(spark, cfg, summary)
     publisher.open()
+    try:
+        warm_workers(spark, publisher.spec)
+    except BaseException:
+        publisher.close()
+        raise
     writer = kafka_source(spark, cfg).writeStream.foreachBatch(publisher).option("checkpointLocation", checkpoint)
     if cfg.spark.trigger == "availableNow":
         writer = writer.trigger(availableNow=True)

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from pipelines.consume import ConsumeSummary
 from pipelines.score_stream import StreamSummary
+from pipelines.step_times import describe
 
 
 def _consume_dict(s: ConsumeSummary) -> dict[str, Any]:
@@ -59,6 +60,7 @@ def render_consume(s: ConsumeSummary, console: Console | None = None) -> None:
         f"{s.records_per_second:,.0f} records/s from first record to last commit ({s.streaming_seconds:.1f} s; "
         f"run {s.seconds:.1f} s with start-up)",
     )
+    table.add_row("per batch", describe(s.step_seconds, s.batches))
     table.add_row("model versions", ", ".join(s.model_versions) or "-")
     table.add_row("scores", f"{s.target_uri} (+{s.delta_rows_written:,} rows) · topic {s.scores_topic}")
     if s.replayed_rows_skipped:
@@ -80,6 +82,7 @@ def render_stream(s: StreamSummary, console: Console | None = None) -> None:
         f"{s.records_per_second:,.0f} records/s over the micro-batches ({s.streaming_seconds:.1f} s; "
         f"run {s.seconds:.1f} s with query start-up)",
     )
+    table.add_row("per micro-batch", describe(s.step_seconds, s.batches))
     table.add_row("model versions", ", ".join(s.model_versions) or "-")
     table.add_row("scores", s.target_uri)
     if s.topic_batches_skipped:

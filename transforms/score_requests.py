@@ -28,6 +28,7 @@ from schemas.expectations import DEFAULT_MEAN_RATIO_BOUNDS
 from schemas.scores import DEAD_LETTER_SCHEMA, KAFKA_RECORD_SCHEMA, SCORES_QUARANTINE_SCHEMA, SCORES_SCHEMA
 from transforms.models.cache import shared
 from transforms.models.ctr_registry import CtrModelSource
+from transforms.models.device import configure_threads
 from transforms.score_validation import DEFAULT_MIN_ROWS_FOR_MEAN, ScoreValidator
 from transforms.validation import CHECK_COLUMN, REASON_COLUMN
 
@@ -46,6 +47,8 @@ class ScoringSpec:
     model_poll_seconds: float = 5.0
     mean_ratio_bounds: tuple[float, float] = DEFAULT_MEAN_RATIO_BOUNDS
     min_rows_for_mean: int = DEFAULT_MIN_ROWS_FOR_MEAN
+    #: torch intra-op threads for this process; None leaves torch's setting alone.
+    threads: int | None = None
 
 
 @dataclass
@@ -135,6 +138,8 @@ class RequestScorer:
     def __init__(self, spec: ScoringSpec) -> None:
         self.spec = spec
         self.codec = codec_for(spec.codec)
+        if spec.threads is not None:
+            configure_threads(spec.threads)
         self.models = CtrModelSource(
             spec.model_path,
             device=spec.device,

@@ -331,6 +331,11 @@ def test_large_mixed_batch_maps_every_row_and_failure_back(codec: str) -> None:
     decoded = c.decode_batch(values)
     _check_partition(decoded, n)
     assert {f.index: f.error_class for f in decoded.failures} == expected
+    # Each failure reads exactly as it does for the message decoded on its own: the batch path
+    # checks only the suspect rows of a column, and must reach the same verdict and words.
+    for f in decoded.failures:
+        (alone,) = c.decode_batch([values[f.index]]).failures
+        assert (f.error_class, f.message) == (alone.error_class, alone.message), f.index
     good = np.setdiff1d(np.arange(n), np.array(sorted(expected), dtype=np.int64))
     assert decoded.indices.tolist() == good.tolist()
     # Rows decoded from untouched messages are exactly the input rows at those positions.
