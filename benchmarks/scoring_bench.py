@@ -105,7 +105,7 @@ def start_redis(work: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def write_config(
-    path: Path, *, bootstrap: str, topic: str, group: str, model: Path, target: Path, redis: str, pipeline: bool = True
+    path: Path, *, bootstrap: str, topic: str, group: str, model: Path, target: Path, redis: str, pipeline: bool = False
 ) -> Path:
     cfg = {
         "kafka": {"bootstrap": bootstrap, "topic": topic, "group": group},
@@ -461,13 +461,15 @@ def report_markdown(r: dict[str, Any], rel: str) -> str:
         "| Delta + Feast Redis + scores topic, exactly once |",
         f"| (2) `sluice consume`, 1 process, `batching.pipeline: false` (default) | {_f(c1s.get('events_per_s'))} "
         "| one batch at a time |",
-        f"| (2) `sluice consume`, 2 processes, one group | {_f(c2.get('events_per_s'))} | same, partitions split |",
+        f"| (2) `sluice consume`, 2 processes, one group, `batching.pipeline: false` | {_f(c2.get('events_per_s'))} "
+        "| same, partitions split |",
         f"| (4) `sluice score-stream --engine spark`, availableNow | {_f(sp.get('events_per_s'))} "
         f"| {sp.get('batches', '—')} micro-batches, local[2] |",
         "",
         "| latency (event_time → visible) | rate | topic p50 / p99 ms | Delta p50 / p99 ms |",
         "|---|---|---|---|",
-        f"| (3) consumer | {_f(lat.get('rate'))}/s | {_pq(lat, 'topic_ms')} | {_pq(lat, 'delta_ms')} |",
+        f"| (3) consumer, `batching.pipeline: true` | {_f(lat.get('rate'))}/s "
+        f"| {_pq(lat, 'topic_ms')} | {_pq(lat, 'delta_ms')} |",
         f"| (5) Spark stream, processingTime {r.get('spark_trigger', '—')} | {_f(spl.get('rate'))}/s "
         f"| {_pq(spl, 'topic_ms')} | {_pq(spl, 'delta_ms')} |",
         "",
@@ -594,6 +596,9 @@ def main(argv: list[str] | None = None) -> int:
                 model=model,
                 target=work / "latency" / "scores",
                 redis=redis,
+                # Publishing batch N while N+1 is scored: measured p50 575 ms against 1,727 ms one
+                # batch at a time (which falls behind at 10k/s on these 2 cores).
+                pipeline=True,
             )
             r["consume_latency"] = latency_run(
                 ["consume"],

@@ -84,7 +84,8 @@ class StreamBatchingConfig(_Strict):
     pipeline: bool = Field(
         False,
         description="consumer: publish batch N (Delta, Feast, Kafka) on a thread while batch N+1 is read and "
-        "scored (measured 14% slower with the broker on the same 2 cores; for consumers with spare cores)",
+        "scored. On 2 cores shared with the broker: p50 latency at 10k events/s 0.6 s against 1.7 s, but peak "
+        "throughput over a backlog ~14% lower",
     )
 
 
@@ -103,6 +104,12 @@ class StreamSparkConfig(SparkConfig):
     trigger: Literal["processingTime", "availableNow"] = "processingTime"
     trigger_interval: str = Field("1 second", description="processingTime trigger interval")
     max_offsets_per_trigger: int | None = Field(None, ge=1)
+    arrow_batch_records: int = Field(
+        50_000,
+        ge=1,
+        description="records per Arrow batch a scoring task hands the core (Spark's default is 10,000; every "
+        "batch pays ~35 ms of Great Expectations set-up, so larger batches score faster)",
+    )
 
 
 class ScoreConfig(_Strict):

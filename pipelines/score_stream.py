@@ -278,6 +278,7 @@ def start_stream(cfg: ScoreConfig, spark: SparkSession) -> tuple[StreamingQuery,
         checkpoint=checkpoint,
         trigger=cfg.spark.trigger,
     )
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.spark.arrow_batch_records))
     publisher = _BatchPublisher(spark, cfg, summary)
     publisher.open()
     try:
