@@ -55,7 +55,8 @@ class CtrModelConfig(_Strict):
         1,
         ge=1,
         description="torch intra-op threads per consumer process (scale out with processes instead: on "
-        "2 cores shared with a broker, 1 thread scored ~1.5x faster than 2); null: torch's default. "
+        "2 cores shared with a broker, the model step ran ~1.5x faster with 1 thread than with 2); null: torch's "
+        "default. "
         "Spark matches them to spark.task.cpus",
     )
 
@@ -84,8 +85,8 @@ class StreamBatchingConfig(_Strict):
     pipeline: bool = Field(
         False,
         description="consumer: publish batch N (Delta, Feast, Kafka) on a thread while batch N+1 is read and "
-        "scored. On 2 cores shared with the broker: p50 latency at 10k events/s 0.6 s against 1.7 s, but peak "
-        "throughput over a backlog ~14% lower",
+        "scored. On 2 cores shared with the broker (one pair of runs): p50 latency at 10k events/s 0.6 s against "
+        "1.7 s, but peak throughput over a backlog ~14% lower",
     )
 
 
@@ -108,7 +109,8 @@ class StreamSparkConfig(SparkConfig):
         50_000,
         ge=1,
         description="records per Arrow batch a scoring task hands the core (Spark's default is 10,000; every "
-        "batch pays ~35 ms of Great Expectations set-up, so larger batches score faster)",
+        "batch pays ~35 ms of Great Expectations set-up, so larger batches score faster); a value in spark.conf "
+        "wins",
     )
 
 

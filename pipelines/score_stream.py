@@ -278,7 +278,8 @@ def start_stream(cfg: ScoreConfig, spark: SparkSession) -> tuple[StreamingQuery,
         checkpoint=checkpoint,
         trigger=cfg.spark.trigger,
     )
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.spark.arrow_batch_records))
+    arrow_batch = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    spark.conf.set(arrow_batch, cfg.spark.conf.get(arrow_batch, str(cfg.spark.arrow_batch_records)))
     publisher = _BatchPublisher(spark, cfg, summary)
     publisher.open()
     try:

@@ -106,7 +106,9 @@ def warm_workers(spark: SparkSession, spec: ScoringSpec) -> int:
     try:
         spark.range(slots, numPartitions=slots).mapInArrow(load, "version string").collect()
     except Exception as exc:
-        raise ModelLoadError(f"the Spark workers could not load the scorer: {python_error_line(str(exc))}") from exc
+        # Our own errors already say what and where: drop their class path from the line.
+        line = re.sub(r"^transforms\.errors\.\w+: ", "", python_error_line(str(exc)))
+        raise ModelLoadError(f"the Spark workers could not load the scorer: {line}") from exc
     return slots
 
 
