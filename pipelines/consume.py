@@ -66,6 +66,7 @@ from schemas.scores import (
 from transforms.crashpoints import crash_point
 from transforms.errors import SinkError, SourceError
 from transforms.score_requests import RequestScorer, ScoreOutcome, ScoreStats, ScoringSpec
+from transforms.sinks.delta_compaction import PartitionCompactor
 from transforms.sinks.kafka_outputs import ProducerFenced
 
 if TYPE_CHECKING:
@@ -181,7 +182,7 @@ class ConsumerRunner:
         self._feast: FeastScoresSink | None = None
         self._kafka_out: TransactionalKafkaSink | None = None
         self._scorer: RequestScorer | None = None
-        self._compactor: _Compactor | None = None
+        self._compactor: PartitionCompactor | None = None
         self._publisher: ThreadPoolExecutor | None = None
         self._pending: Future[None] | None = None
         #: Bumped whenever what was read so far must not be published (a dropped batch: the
@@ -238,7 +239,7 @@ class ConsumerRunner:
         )
         self._scores.ensure_table()
         self._quarantine.ensure_table()
-        self._compactor = _Compactor(
+        self._compactor = PartitionCompactor(
             [cfg.target.uri, cfg.target.quarantine], cfg.target.storage_options, cfg.target.compact_every_s
         )
         if cfg.feast is not None and cfg.feast.enabled:
@@ -445,7 +446,7 @@ class ConsumerRunner:
         )
         self._quarantine.append(outcome.quarantined, through=through, metadata=meta)
         if self._compactor is not None and outcome.scores.num_rows:
-            self._compactor.saw({str(d) for d in outcome.scores.column("event_date").unique().to_pylist()})
+            self._compactor.saw_rows(outcome.scores)
         clock.lap("delta")
         crash_point("consume:after_delta_commit")
         if self._feast is not None and outcome.scores.num_rows:
@@ -561,58 +562,6 @@ class ConsumerRunner:
 def _rebalanced(exc: BaseException) -> bool:
     text = str(exc)
     return any(code in text for code in ("ILLEGAL_GENERATION", "UNKNOWN_MEMBER_ID", "REBALANCE_IN_PROGRESS"))
-
-
-class _Compactor:
-    """Compacts the date partitions this consumer wrote, every ``every_s`` seconds, on a thread.
-
-    A consumer commits a few small files per batch; delta-rs pays ~50 µs per live file on every
-    commit, so without compaction a day-long stream slows down hour by hour. OPTIMIZE commits do
-    not conflict with the appends (data and app transactions are unchanged), so it runs beside
-    them; each sink notices the foreign commit and re-reads its progress.
-    """
-
-    def __init__(self, uris: list[str], storage_options: dict[str, str], every_s: float) -> None:
-        self.uris = uris
-        self.storage_options = storage_options or None
-        self.every_s = every_s
-        self.dates: set[str] = set()
-        self.lock = threading.Lock()
-        self.runs = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="sluice-compact", daemon=True)
-        if every_s > 0:
-            self._thread.start()
-
-    def saw(self, dates: set[str]) -> None:
-        with self.lock:
-            self.dates |= dates
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.run_once()
-
-    def run_once(self) -> None:
-        from deltalake import DeltaTable
-
-        with self.lock:
-            dates, self.dates = sorted(self.dates), set()
-        for uri in self.uris:
-            try:
-                dt = DeltaTable(uri, storage_options=self.storage_options)
-                filters = (
-                    [("event_date", "in", dates)] if dates and "event_date" in dt.metadata().partition_columns else None
-                )
-                if filters is None and "event_date" in dt.metadata().partition_columns:
-                    continue  # nothing written there since the last run
-                metrics = dt.optimize.compact(partition_filters=filters)
-                log.info("compacted %s", uri, extra={"dates": dates, "metrics": metrics})
-            except Exception as exc:  # maintenance must never take the stream down
-                log.warning("compaction of %s failed (will retry): %s", uri, exc)
-        self.runs += 1
-
-    def stop(self) -> None:
-        self._stop.set()
 
 
 def _cuda() -> bool:

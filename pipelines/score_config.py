@@ -70,7 +70,7 @@ class ScoreTargetConfig(_Strict):
     compact_every_s: float = Field(
         600.0,
         ge=0,
-        description="the consumer compacts the date partitions it wrote this often (0: never; then run "
+        description="both runners compact the date partitions they wrote this often (0: never; then run "
         "OPTIMIZE yourself: every commit's cost grows with the table's file count)",
     )
 

@@ -85,9 +85,16 @@ def render_stream(s: StreamSummary, console: Console | None = None) -> None:
     table.add_row("per micro-batch", describe(s.step_seconds, s.batches))
     table.add_row("model versions", ", ".join(s.model_versions) or "-")
     table.add_row("scores", s.target_uri)
-    if s.topic_batches_skipped:
-        table.add_row("replay", f"{s.topic_batches_skipped} micro-batches were already on the topics")
+    replays = [
+        f"{n} micro-batches were already {where}"
+        for n, where in ((s.delta_batches_skipped, "in Delta"), (s.topic_batches_skipped, "on the topics"))
+        if n
+    ]
+    if replays:
+        table.add_row("replay", "; ".join(replays))
     table.add_row("online store", f"{s.online_written:,} scores written")
     table.add_row("checkpoint", s.checkpoint)
+    if s.compactions:
+        table.add_row("compactions", f"{s.compactions} (target.compact_every_s)")
     table.add_row("stopped", s.stopped_because or "-")
     (console or Console()).print(table)

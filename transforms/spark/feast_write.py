@@ -51,7 +51,7 @@ def online_sink(cfg: FeastConfig, table_uri: str, dim: int) -> FeastOnlineSink:
     return FeastOnlineSink(cfg, embeddings_table_uri=table_uri, dim=dim)
 
 
-def writes_from_driver(df: DataFrame, sink: OnlineSink) -> bool:
+def _writes_from_driver(df: DataFrame, sink: OnlineSink) -> bool:
     """Whether :func:`write_online` writes from the driver (module docs) rather than the executors."""
     local = (df.sparkSession.sparkContext.master or "").startswith("local")
     return local or isinstance(sink.config.online_store, SqliteOnlineStoreConfig)
@@ -70,24 +70,13 @@ def _write_from_driver(df: DataFrame, sink: OnlineSink, rows: int, key_column: s
     return written
 
 
-def write_online(
-    df: DataFrame,
-    sink: OnlineSink,
-    *,
-    rows: int,
-    key_column: str = "item_id",
-    collected: pa.Table | None = None,
-) -> int:
+def write_online(df: DataFrame, sink: OnlineSink, *, rows: int, key_column: str = "item_id") -> int:
     """Upsert every row of ``df`` (the sink's columns, about ``rows`` of them) into the online
     store through ``sink`` (on the driver, already applied); returns rows written. ``key_column``
-    splits large driver-side writes into chunks. ``collected``: ``df``'s rows, when the caller has
-    them on the driver anyway (the scoring stream does, for its Kafka transaction): a driver-side
-    write then uses them instead of running the query again."""
+    splits large driver-side writes into chunks."""
     from pyspark.sql import functions as F
 
-    if writes_from_driver(df, sink):
-        if collected is not None:
-            return sink.write(collected)
+    if _writes_from_driver(df, sink):
         return _write_from_driver(df, sink, rows, key_column)
     total = df.mapInArrow(_writer(sink), "written long").agg(F.sum("written")).collect()[0][0]
     return int(total or 0)

@@ -2,8 +2,9 @@
 
 Spark's Kafka source hands each task Arrow batches with exactly the columns the core takes
 (:data:`~schemas.scores.KAFKA_RECORD_SCHEMA`), so the adapter only calls the core and puts its
-three outputs into one schema: ``mapInArrow`` has a single output schema, and the driver persists
-the micro-batch's result once and splits it by ``_kind``, so no record is scored twice. The scorer
+three outputs into one schema: ``mapInArrow`` has a single output schema, and the driver collects
+the micro-batch's result once, as Arrow, and splits it by ``_kind`` (:func:`split_outputs`), so no
+record is scored twice. The scorer
 (and its model) is loaded once per Python worker and reused across tasks and micro-batches
 (invariant 4); it watches the model registry, so a promotion reaches running executors.
 """
@@ -15,10 +16,11 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from schemas.scores import DEAD_LETTER_SCHEMA, SCORES_QUARANTINE_SCHEMA, SCORES_SCHEMA
 from transforms.crashpoints import crash_point
-from transforms.errors import ModelLoadError
+from transforms.errors import ModelLoadError, SinkError
 from transforms.score_requests import ScoreStats, ScoringSpec, scorer_for
 
 if TYPE_CHECKING:
@@ -60,6 +62,20 @@ def _combine(parts: dict[str, pa.RecordBatch], schema: pa.Schema) -> pa.RecordBa
                 pieces.append(pa.nulls(batch.num_rows, f.type))
         columns.append(pa.concat_arrays(pieces))
     return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def split_outputs(combined: pa.Table) -> dict[str, pa.Table]:
+    """A micro-batch's scored records, collected on the driver (``_kind`` and every column), as the
+    three outputs in their own schemas: the inverse of the worker-side combination. A null in a
+    column its output declares non-null fails here, before anything is written."""
+    kinds = combined.column(KIND)
+    out: dict[str, pa.Table] = {}
+    for kind, schema in _PARTS:
+        try:
+            out[kind] = combined.filter(pc.equal(kinds, kind)).select(schema.names).cast(schema)
+        except (ValueError, pa.ArrowInvalid) as exc:
+            raise SinkError(f"the {kind} rows of a micro-batch do not fit their table: {exc}") from exc
+    return out
 
 
 def make_score_fn(

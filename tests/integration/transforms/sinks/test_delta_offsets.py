@@ -285,8 +285,8 @@ def test_compaction_alongside_a_writer_loses_and_duplicates_nothing(tmp_path: Pa
 
 @pytest.mark.spark
 def test_a_table_spark_created_takes_these_commits_and_spark_keeps_writing(tmp_path: Path, spark: Any) -> None:
-    # The Spark runner creates the scores table (all columns nullable) and its Kafka ledger records
-    # progress on it through this sink; the consumer runner may append to the same table.
+    # A scores table delta-spark created (all columns nullable: another Spark job, or the Spark runner
+    # before it appended through this sink) takes this sink's commits, and Spark keeps writing to it.
     from transforms.spark import delta_io
 
     uri = str(tmp_path / "scores")
@@ -302,6 +302,43 @@ def test_a_table_spark_created_takes_these_commits_and_spark_keeps_writing(tmp_p
     dt = DeltaTable(uri)
     assert (dt.transaction_version("stream"), dt.transaction_version("stream:topics")) == (0, 0)
     assert spark.read.format("delta").load(uri).count() == 10
+
+
+def test_append_once_writes_a_batch_id_once(tmp_path: Path) -> None:
+    # The Spark runner's idempotence: app transaction (stream, batch id), like delta-spark's
+    # txnAppId/txnVersion. A replay of the id, or of an older one, writes nothing.
+    sink = sink_at(tmp_path / "scores")
+    first = sink.append_once(scores(0, range(10)), app="stream", version=0, metadata={"sluice": {"batch_id": 0}})
+    replay = sink.append_once(scores(0, range(10)), app="stream", version=0)
+    next_ = sink.append_once(scores(0, range(10, 15)), app="stream", version=1)
+    older = sink.append_once(scores(0, range(10)), app="stream", version=0)
+
+    assert (first.rows_written, first.version is not None) == (10, True)
+    assert (replay.rows_written, replay.rows_skipped, replay.version) == (0, 10, None)
+    assert next_.rows_written == 5 and older.version is None
+    assert positions(tmp_path / "scores") == Counter({(0, o): 1 for o in range(15)})
+    dt = DeltaTable(str(tmp_path / "scores"))
+    assert dt.transaction_version("stream") == 1
+    assert dt.history(2)[1]["sluice"] == {"batch_id": 0}
+
+
+def test_append_once_sees_a_commit_made_after_its_snapshot(tmp_path: Path) -> None:
+    # A restarted driver's sink, or one whose table object predates another writer's commit of the
+    # same batch id: the log is re-read before the check, so the batch is not written twice.
+    stale = sink_at(tmp_path / "scores")
+    stale.append_once(scores(0, range(3)), app="other", version=0)  # the sink's snapshot is now open
+    other = sink_at(tmp_path / "scores")
+    assert other.append_once(scores(1, range(5)), app="stream", version=7).rows_written == 5
+
+    assert stale.append_once(scores(1, range(5)), app="stream", version=7).version is None
+    assert positions(tmp_path / "scores") == Counter({**{(0, o): 1 for o in range(3)}, **{(1, o): 1 for o in range(5)}})
+
+
+def test_append_once_refuses_rows_of_another_shape_before_writing(tmp_path: Path) -> None:
+    sink = sink_at(tmp_path / "scores")
+    with pytest.raises(SinkError, match="lack column"):
+        sink.append_once(scores(0, range(3)).drop_columns(["score"]), app="stream", version=0)
+    assert DeltaTable(str(tmp_path / "scores")).transaction_version("stream") is None
 
 
 def test_offsets_published_to_kafka_ride_along_and_are_read_back(tmp_path: Path) -> None:

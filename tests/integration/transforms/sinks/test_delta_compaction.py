@@ -1,0 +1,51 @@
+"""Background compaction of the date partitions a scoring runner wrote (real Delta tables, delta-rs)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+from deltalake import DeltaTable
+
+from tests.integration.transforms.sinks.test_delta_offsets import TOPIC, positions, scores, sink_at
+from transforms.sinks.delta_compaction import PartitionCompactor
+
+
+def _files_per_date(uri: Path) -> Counter[str]:
+    actions = pa.table(DeltaTable(str(uri)).get_add_actions(flatten=True))
+    return Counter(str(d) for d in actions.column("partition.event_date").to_pylist())
+
+
+def test_only_the_dates_reported_since_the_last_run_are_compacted(tmp_path: Path) -> None:
+    uri = tmp_path / "scores"
+    sink = sink_at(uri)
+    compactor = PartitionCompactor([str(uri)], {}, every_s=0)  # 0: no thread, runs only when asked
+    for k in range(4):  # each batch straddles midnight: one file per date per append
+        batch = scores(0, range(4 * k, 4 * k + 4))
+        sink.append(batch, through={(TOPIC, 0): 4 * k + 3})
+    before = _files_per_date(uri)
+    assert sorted(before.values()) == [4, 4]
+    first_date = min(before)
+
+    compactor.saw({first_date})
+    compactor.run_once()
+
+    after = _files_per_date(uri)
+    assert after[first_date] == 1 and after[max(before)] == 4
+    assert positions(uri) == Counter({(0, o): 1 for o in range(16)})
+    compactor.run_once()  # nothing reported since: the table is left as it is
+    assert _files_per_date(uri) == after and compactor.runs == 2
+
+
+def test_a_writer_keeps_appending_after_a_compaction(tmp_path: Path) -> None:
+    uri = tmp_path / "scores"
+    sink = sink_at(uri)
+    compactor = PartitionCompactor([str(uri)], {}, every_s=0)
+    sink.append(scores(0, range(4)), through={(TOPIC, 0): 3})
+    sink.append(scores(0, range(4, 8)), through={(TOPIC, 0): 7})
+    compactor.saw_rows(scores(0, range(8)))
+    compactor.run_once()
+
+    assert sink.append(scores(0, range(6, 12)), through={(TOPIC, 0): 11}).rows_written == 4
+    assert positions(uri) == Counter({(0, o): 1 for o in range(12)})
