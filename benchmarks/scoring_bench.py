@@ -241,9 +241,33 @@ def run_spark_available_now(config: Path, work: Path) -> dict[str, Any]:
         "batches": s["batches"],
         "seconds": s["streaming_seconds"],
         "events_per_s": s["records_per_second"],
+        **_after_first_batch(done.stderr),
         "process_seconds": time.perf_counter() - t0,
         "run_seconds_with_query_startup": s["seconds"],
         "step_seconds_summed": {k: round(v, 2) for k, v in s.get("step_seconds", {}).items()},
+    }
+
+
+def _after_first_batch(log_text: str) -> dict[str, Any]:
+    """Throughput once micro-batch 0 is done, from the stream's per-batch log lines: records of the
+    later batches over the time from batch 0 published to the last published. Batch 0 pays the JVM's
+    first Kafka reads and code generation (2x a later batch's score step, measured), which a
+    long-running stream pays once; the headline figure (and the target) keeps it in."""
+    from datetime import datetime
+
+    done = []
+    for line in log_text.splitlines():
+        if '"micro-batch published"' not in line:
+            continue
+        rec = json.loads(line[line.index("{") :])
+        done.append((datetime.fromisoformat(rec["ts"]).timestamp(), sum(rec["counts"].values()), rec["step_seconds"]))
+    if len(done) < 2:
+        return {}
+    later = sum(n for _, n, _ in done[1:])
+    seconds = done[-1][0] - done[0][0]
+    return {
+        "first_batch_step_seconds": done[0][2],
+        "after_first_batch_events_per_s": round(later / seconds, 1) if seconds > 0 else None,
     }
 
 
@@ -464,7 +488,8 @@ def report_markdown(r: dict[str, Any], rel: str) -> str:
         f"| (2) `sluice consume`, 2 processes, one group, `batching.pipeline: false` | {_f(c2.get('events_per_s'))} "
         "| same, partitions split |",
         f"| (4) `sluice score-stream --engine spark`, availableNow | {_f(sp.get('events_per_s'))} "
-        f"| {sp.get('batches', '—')} micro-batches, local[2] |",
+        f"| {sp.get('batches', '—')} micro-batches, local[2]; after micro-batch 0: "
+        f"{_f(sp.get('after_first_batch_events_per_s'))}/s |",
         "",
         "| latency (event_time → visible) | rate | topic p50 / p99 ms | Delta p50 / p99 ms |",
         "|---|---|---|---|",
