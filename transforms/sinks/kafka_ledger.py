@@ -147,8 +147,7 @@ class LedgeredKafkaPublisher:
     # -- the ledger --------------------------------------------------------------------------------
 
     def _ledger_table(self) -> OffsetTrackedDeltaSink:
-        # Opened on first use: the Spark runner builds the publisher before its first micro-batch
-        # creates the scores table.
+        # Opened on first use, so a publisher can be built before the table it records on exists.
         if self._ledger is None:
             self._ledger = OffsetTrackedDeltaSink.for_existing_table(
                 self.ledger_uri, app_prefix=self.ledger_app_id, storage_options=self.storage_options

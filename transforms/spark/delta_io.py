@@ -206,20 +206,6 @@ def merge_embeddings(
         merge.execute()
 
 
-def create_if_missing(df: DataFrame, uri: str) -> None:
-    """Create the Delta table at ``uri`` with ``df``'s schema (no rows) unless one exists, so readers
-    find a table that a job writes only now and then (a quarantine that is usually empty)."""
-    from pyspark.errors import AnalysisException
-
-    spark = df.sparkSession
-    try:
-        spark.read.format("delta").load(uri).schema  # noqa: B018 - resolving it is the check
-        return
-    except AnalysisException:
-        pass
-    df.limit(0).write.format("delta").mode("append").save(uri)
-
-
 def append_idempotent(
     df: DataFrame,
     uri: str,

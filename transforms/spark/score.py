@@ -45,10 +45,6 @@ def combined_schema() -> pa.Schema:
     return pa.schema([pa.field(KIND, pa.string()), *fields.values()])
 
 
-def columns_of(kind: str) -> list[str]:
-    return next(schema.names for k, schema in _PARTS if k == kind)
-
-
 def _combine(parts: dict[str, pa.RecordBatch], schema: pa.Schema) -> pa.RecordBatch:
     columns = []
     for f in schema:
