@@ -32,6 +32,7 @@ the topic now, then stops: a scheduled batch job over a stream).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import threading
@@ -281,6 +282,52 @@ class _BatchPublisher:
         )
 
 
+def _warm_source(spark: SparkSession, cfg: ScoreConfig, publisher: _BatchPublisher, *, per_partition: int = 200) -> int:
+    """Run the micro-batch's scoring job once over the first few records of each partition, and
+    throw the result away; returns the records read.
+
+    The stream's first micro-batch with data pays the JVM's first Kafka fetches and code generation
+    for the source plan: twice a later batch's score step on 2 cores (measured: 7.2 s against 3.4 s
+    per 100k). A batch read of the same topic through the same plan pays most of that here, before
+    the query starts (micro-batch 0's score step over 300k events: 4.4-5.7 s in three runs with
+    it, 7.2 s in the one run without it whose log was kept). Nothing is published, so
+    this cannot affect what the stream writes. An empty topic (nothing to read yet) is skipped.
+    """
+    from confluent_kafka import Consumer, TopicPartition
+
+    k = cfg.kafka
+    consumer = Consumer(
+        {
+            **k.client,
+            "bootstrap.servers": k.bootstrap,
+            "group.id": f"{publisher.app}:warm-up",
+            "enable.auto.commit": False,
+        }
+    )
+    try:
+        topic = consumer.list_topics(k.topic, timeout=10).topics.get(k.topic)
+        ranges = {}
+        for p in sorted(topic.partitions if topic is not None else {}):
+            low, high = consumer.get_watermark_offsets(TopicPartition(k.topic, p), timeout=10)
+            if high > low:
+                ranges[p] = (low, min(high, low + per_partition))
+    finally:
+        consumer.close()
+    if not ranges:
+        return 0
+    reader = spark.read.format("kafka").option("kafka.bootstrap.servers", k.bootstrap).option("subscribe", k.topic)
+    for key, value in k.client.items():
+        reader = reader.option(f"kafka.{key}", value)
+    df = (
+        reader.option("startingOffsets", json.dumps({k.topic: {str(p): lo for p, (lo, _) in ranges.items()}}))
+        .option("endingOffsets", json.dumps({k.topic: {str(p): hi for p, (_, hi) in ranges.items()}}))
+        .load()
+        .select("key", "value", "topic", "partition", "offset", "timestamp")
+    )
+    split_outputs(df.mapInArrow(make_score_fn(publisher.spec, crash_points=False), publisher.out_type).toArrow())
+    return sum(hi - lo for lo, hi in ranges.values())
+
+
 def start_stream(cfg: ScoreConfig, spark: SparkSession) -> tuple[StreamingQuery, StreamSummary, _BatchPublisher]:
     checkpoint = checkpoint_location(cfg)
     summary = StreamSummary(
@@ -297,6 +344,10 @@ def start_stream(cfg: ScoreConfig, spark: SparkSession) -> tuple[StreamingQuery,
     publisher.open()
     try:
         warm_workers(spark, publisher.spec)
+        try:
+            _warm_source(spark, cfg, publisher)
+        except Exception as exc:  # only a head start: the query reports real problems itself
+            log.warning("warming the Kafka source up was skipped: %s", str(exc).splitlines()[0] if str(exc) else exc)
     except BaseException:
         publisher.close()
         raise
