@@ -10,7 +10,9 @@ One run, on one machine, against one real broker (Apache Kafka, KRaft) and one r
 (3) the consumer's end-to-end latency at a steady --rate (default 10k events/s): event_time (set to
     the wall clock when each request is produced) -> the score visible on the scores topic
     (read_committed) and -> the row's Delta file written (its add action's modification time,
-    which precedes the commit by milliseconds), p50/p95/p99/max;
+    which precedes the commit by milliseconds), p50/p95/p99/max over --latency-seconds after a
+    --latency-warmup-seconds warm-up at the same rate (reported apart), with the consumer's
+    ``batching.max_wait_ms`` at --latency-max-wait-ms;
 (4) ``sluice score-stream --engine spark --trigger availableNow`` over the pre-filled topic:
     events/s over its micro-batches (JVM start excluded: the session's start-up is before the first
     batch);
@@ -105,7 +107,16 @@ def start_redis(work: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def write_config(
-    path: Path, *, bootstrap: str, topic: str, group: str, model: Path, target: Path, redis: str, pipeline: bool = False
+    path: Path,
+    *,
+    bootstrap: str,
+    topic: str,
+    group: str,
+    model: Path,
+    target: Path,
+    redis: str,
+    pipeline: bool = False,
+    max_wait_ms: int = 100,
 ) -> Path:
     cfg = {
         "kafka": {"bootstrap": bootstrap, "topic": topic, "group": group},
@@ -115,7 +126,7 @@ def write_config(
             "registry": str(target.parent / "feast" / "registry.db"),
             "online_store": {"type": "redis", "connection_string": redis},
         },
-        "batching": {"max_records": 20_000, "max_wait_ms": 100, "pipeline": pipeline},
+        "batching": {"max_records": 20_000, "max_wait_ms": max_wait_ms, "pipeline": pipeline},
         "spark": {"master": "local[2]", "max_offsets_per_trigger": 100_000, "trigger_interval": "500 milliseconds"},
     }
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -276,34 +287,56 @@ def _after_first_batch(log_text: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def produce_now(bootstrap: str, topic: str, *, rate: float, seconds: float, seed: int) -> int:
-    """Valid requests at ``rate``/s, each with event_time = the wall clock when it is produced."""
+#: event_time of the pre-encoded requests, replaced by the wall clock as each is sent: 13 digits, like
+#: every epoch-ms stamp from 2001 to 2286, so the patch keeps the message's length.
+_STAMP_PLACEHOLDER = b"1111111111111"
+
+
+def produce_now(bootstrap: str, topic: str, *, rate: float, seconds: float, seed: int) -> tuple[int, int]:
+    """Valid requests at ``rate``/s, each with event_time = the wall clock when it is produced; returns
+    how many, and the wall clock (epoch ms) when the first was sent.
+
+    The requests are generated and JSON-encoded before the clock starts, with a placeholder
+    event_time that each send replaces: generating and encoding them on the fly took ~40 us each
+    (0.4 of a core at 10k/s), CPU the runner under test would otherwise lose to its load generator.
+    """
     from confluent_kafka import Producer
 
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True})
-    stream = AdWorld.build(seed).requests(seed)
-    codec = codec_for("json")
     tick = 0.01  # 100 chunks a second
     per_tick = max(1, int(rate * tick))
-    sent = 0
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        batch = stream.next_batch(per_tick)
-        now_ms = int(time.time() * 1000)
+    total = int(rate * seconds) + per_tick
+    stream = AdWorld.build(seed).requests(seed)
+    codec = codec_for("json")
+    placeholder_ms = int(_STAMP_PLACEHOLDER)
+    keys: list[bytes] = []
+    values: list[bytes] = []
+    while len(values) < total:
+        batch = stream.next_batch(min(50_000, total - len(values)))
         stamped = batch.set_column(
             batch.schema.get_field_index("event_time"),
             "event_time",
-            pa.array(np.full(batch.num_rows, now_ms), pa.timestamp("ms", tz="UTC")),
+            pa.array(np.full(batch.num_rows, placeholder_ms), pa.timestamp("ms", tz="UTC")),
         )
-        for key, value in zip(stamped.column("user_id").to_pylist(), codec.encode_batch(stamped), strict=True):
-            producer.produce(topic, value=value, key=key)
+        keys.extend(stamped.column("user_id").to_pylist())
+        values.extend(codec.encode_batch(stamped))
+    if any(v.count(_STAMP_PLACEHOLDER) != 1 for v in values):
+        raise SystemExit("produce_now: the event_time placeholder is not exactly once in every encoded request")
+
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True})
+    sent = 0
+    started_ms = int(time.time() * 1000)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds and sent + per_tick <= total:
+        stamp = str(int(time.time() * 1000)).encode()
+        for i in range(sent, sent + per_tick):
+            producer.produce(topic, value=values[i].replace(_STAMP_PLACEHOLDER, stamp), key=keys[i])
         producer.poll(0)
-        sent += batch.num_rows
+        sent += per_tick
         wait = t0 + sent / rate - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
     producer.flush(30)
-    return sent
+    return sent, started_ms
 
 
 class TopicTail:
@@ -319,14 +352,18 @@ class TopicTail:
                 "enable.auto.commit": False,
                 "auto.offset.reset": "latest",
                 "isolation.level": "read_committed",
-                "fetch.wait.max.ms": 10,
+                # Long enough not to load the broker (at 10 ms its empty fetches cost it ~0.3 of a
+                # core, measured), and it adds nothing to a latency: with fetch.min.bytes 1 a
+                # waiting fetch returns as soon as a commit makes scores readable.
+                "fetch.wait.max.ms": 100,
             }
         )
         self.assigned = threading.Event()
         # The client serialises calls across threads: learn of the assignment from its callback,
         # not by calling assignment() while the reading thread is inside consume().
         self.consumer.subscribe([topic], on_assign=lambda _c, _p: self.assigned.set())
-        self.latencies_ms: list[float] = []
+        #: (event_time ms, latency ms) of every score read
+        self.latencies_ms: list[tuple[float, float]] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -343,22 +380,23 @@ class TopicTail:
                 if value is None:
                     continue
                 event = _dt.datetime.fromisoformat(orjson.loads(value)["event_time"].replace("Z", "+00:00"))
-                self.latencies_ms.append(arrived - event.timestamp() * 1000)
+                event_ms = event.timestamp() * 1000
+                self.latencies_ms.append((event_ms, arrived - event_ms))
 
-    def close(self) -> list[float]:
+    def close(self) -> list[tuple[float, float]]:
         self.stop.set()
         self.thread.join(timeout=10)
         self.consumer.close()
         return self.latencies_ms
 
 
-def delta_latencies(uri: str, since_ms: int) -> list[float]:
-    """Per row: its Delta file's write time minus its event_time (rows produced after ``since_ms``)."""
+def delta_latencies(uri: str, since_ms: int) -> list[tuple[float, float]]:
+    """Per row produced after ``since_ms``: (event_time ms, its Delta file's write time minus its event_time)."""
     from deltalake import DeltaTable
 
     dt = DeltaTable(uri)
     actions = pa.table(dt.get_add_actions(flatten=True))
-    out: list[float] = []
+    out: list[tuple[float, float]] = []
     for path, mtime in zip(
         actions.column("path").to_pylist(), actions.column("modification_time").to_pylist(), strict=True
     ):
@@ -368,7 +406,7 @@ def delta_latencies(uri: str, since_ms: int) -> list[float]:
         events = pq.read_table(os.path.join(uri, path), columns=["event_time"]).column("event_time")
         ms = pc.cast(pc.cast(events, pa.timestamp("ms", tz="UTC")), pa.int64()).to_numpy()
         ms = ms[ms >= since_ms]
-        out.extend((written_ms - ms).tolist())
+        out.extend(zip(ms.tolist(), (written_ms - ms).tolist(), strict=True))
     return out
 
 
@@ -395,9 +433,14 @@ def latency_run(
     target: Path,
     rate: float,
     seconds: float,
+    warmup_seconds: float,
     seed: int,
     ready_text: str,
 ) -> dict[str, Any]:
+    """Latencies of the events produced in ``seconds`` at ``rate``, after ``warmup_seconds`` at the
+    same rate whose events are reported apart (``warmup_*``): a runner's first batches pay one-off
+    costs (the model's first forward, the first Delta and Kafka writes) that a sustained figure
+    should not average in, and that a user should still see."""
     proc = subprocess.Popen(
         [sluice_bin(), *runner, "--config", str(config), "--summary-json", str(target.parent / "summary.json")],
         env={**os.environ, "SLUICE_LOG_FORMAT": "json"},
@@ -418,9 +461,11 @@ def latency_run(
     time.sleep(3)  # let the first (empty) polls settle
     tail = TopicTail(bootstrap, scores_topic)
     since = int(time.time() * 1000)
-    sent = produce_now(bootstrap, topic, rate=rate, seconds=seconds, seed=seed)
+    sent, started_ms = produce_now(bootstrap, topic, rate=rate, seconds=warmup_seconds + seconds, seed=seed)
+    measured_from = started_ms + int(warmup_seconds * 1000)
     time.sleep(5)
     topic_lat = tail.close()
+    delta_lat = delta_latencies(str(target), since)
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=120)
@@ -432,13 +477,17 @@ def latency_run(
     return {
         "rate": rate,
         "seconds": seconds,
+        "warmup_seconds": warmup_seconds,
+        "max_wait_ms": (yaml.safe_load(config.read_text()).get("batching") or {}).get("max_wait_ms"),
         "sent": sent,
         "batches": batches,
         "step_ms_per_batch": {k: round(1000 * v / batches, 1) for k, v in (summary.get("step_seconds") or {}).items()}
         if batches
         else {},
-        "topic_ms": percentiles(topic_lat),
-        "delta_ms": percentiles(delta_latencies(str(target), since)),
+        "topic_ms": percentiles([ms for at, ms in topic_lat if at >= measured_from]),
+        "delta_ms": percentiles([ms for at, ms in delta_lat if at >= measured_from]),
+        "warmup_topic_ms": percentiles([ms for at, ms in topic_lat if at < measured_from]),
+        "warmup_delta_ms": percentiles([ms for at, ms in delta_lat if at < measured_from]),
     }
 
 
@@ -451,6 +500,12 @@ def _pq(run: dict[str, Any], key: str) -> str:
     """'p50 / p99' of one latency distribution in a run's results, dashes where it is missing."""
     q = run.get(key) or {}
     return f"{_f(q.get('p50'))} / {_f(q.get('p99'))}"
+
+
+def _pmax(run: dict[str, Any]) -> str:
+    """'p50 / max' of a run's warm-up window on the topic."""
+    q = run.get("warmup_topic_ms") or {}
+    return f"{_f(q.get('p50'))} / {_f(q.get('max'))}"
 
 
 def _f(x: Any, nd: int = 0) -> str:
@@ -491,12 +546,17 @@ def report_markdown(r: dict[str, Any], rel: str) -> str:
         f"| {sp.get('batches', '—')} micro-batches, local[2]; after micro-batch 0: "
         f"{_f(sp.get('after_first_batch_events_per_s'))}/s |",
         "",
-        "| latency (event_time → visible) | rate | topic p50 / p99 ms | Delta p50 / p99 ms |",
-        "|---|---|---|---|",
-        f"| (3) consumer, `batching.pipeline: true` | {_f(lat.get('rate'))}/s "
-        f"| {_pq(lat, 'topic_ms')} | {_pq(lat, 'delta_ms')} |",
+        "| latency (event_time → visible) | rate | topic p50 / p99 ms | Delta p50 / p99 ms "
+        "| warm-up: topic p50 / max ms |",
+        "|---|---|---|---|---|",
+        f"| (3) consumer, `batching.pipeline: true`, `max_wait_ms: {lat.get('max_wait_ms', '—')}` "
+        f"| {_f(lat.get('rate'))}/s | {_pq(lat, 'topic_ms')} | {_pq(lat, 'delta_ms')} | {_pmax(lat)} |",
         f"| (5) Spark stream, processingTime {r.get('spark_trigger', '—')} | {_f(spl.get('rate'))}/s "
-        f"| {_pq(spl, 'topic_ms')} | {_pq(spl, 'delta_ms')} |",
+        f"| {_pq(spl, 'topic_ms')} | {_pq(spl, 'delta_ms')} | {_pmax(spl)} |",
+        "",
+        f"Latencies are of the events produced over {_f(lat.get('seconds') or spl.get('seconds'))} s "
+        f"after a {_f(lat.get('warmup_seconds') or spl.get('warmup_seconds'))} s warm-up at the same rate; "
+        "the warm-up's events (the runner's first batches) are the last column.",
         "",
         "| target | value | |",
         "|---|---|---|",
@@ -536,6 +596,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--poison-fraction", type=float, default=0.01)
     ap.add_argument("--rate", type=float, default=10_000, help="events/s for the consumer latency run")
     ap.add_argument("--latency-seconds", type=float, default=30)
+    ap.add_argument(
+        "--latency-warmup-seconds",
+        type=float,
+        default=5,
+        help="seconds at the latency runs' rate before the measured window; reported apart",
+    )
+    ap.add_argument(
+        "--latency-max-wait-ms",
+        type=int,
+        default=25,
+        help="the consumer's batching.max_wait_ms in its latency run (a latency setting: the throughput runs use 100)",
+    )
     ap.add_argument(
         "--spark-rate",
         type=float,
@@ -624,6 +696,7 @@ def main(argv: list[str] | None = None) -> int:
                 # Publishing batch N while N+1 is scored: measured p50 575 ms against 1,727 ms one
                 # batch at a time (which falls behind at 10k/s on these 2 cores).
                 pipeline=True,
+                max_wait_ms=args.latency_max_wait_ms,
             )
             r["consume_latency"] = latency_run(
                 ["consume"],
@@ -634,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
                 target=work / "latency" / "scores",
                 rate=args.rate,
                 seconds=args.latency_seconds,
+                warmup_seconds=args.latency_warmup_seconds,
                 seed=21,
                 ready_text="partitions assigned",
             )
@@ -678,6 +752,7 @@ def main(argv: list[str] | None = None) -> int:
                 target=work / "spark-latency" / "scores",
                 rate=rate,
                 seconds=args.latency_seconds,
+                warmup_seconds=args.latency_warmup_seconds,
                 seed=22,
                 ready_text="micro-batch published",
             )

@@ -14,7 +14,8 @@ Kafka splits the topic's partitions between them. Each micro-batch (bounded by
 2. **Feast** online store: keyed upserts of the latest score per (user, ad); a replay rewrites the
    same values.
 3. **One Kafka transaction** holding the scores-topic messages, the dead letters and the
-   consumer's offsets (``send_offsets_to_transaction``). Committed last: until it is, no
+   consumer's offsets (``send_offsets_to_transaction``). Its messages are queued before step 1,
+   so they travel to the broker while Delta and Feast are written; it is committed last: until it is, no
    read_committed reader sees the outputs and the group's offsets have not moved, so a crash
    anywhere before it replays the batch, and a crash after it replays nothing.
 
@@ -441,6 +442,15 @@ class ConsumerRunner:
             "sluice.instance": self.instance_id,
             "sluice.model_version": outcome.model_version,
         }
+        # The batch's messages are queued first, inside its transaction: librdkafka sends them while
+        # Delta and Feast are written, so the commit at the end no longer waits for them. None of
+        # them is visible to a read_committed reader before that commit, and a crash before it
+        # leaves an open transaction that the instance's next start aborts (init_transactions).
+        out = self._kafka_out
+        out.begin()
+        out.produce_scores(outcome.scores)
+        out.produce_dead_letters(outcome.dead_letters)
+        clock.lap("kafka")
         written = self._scores.append(
             outcome.scores, through=through, metadata=meta, published=self._published_since_last_delta
         )
@@ -453,10 +463,6 @@ class ConsumerRunner:
             self.summary.online_written += self._feast.write(outcome.scores)
         clock.lap("feast")
         crash_point("consume:after_online_write")
-        out = self._kafka_out
-        out.begin()
-        out.produce_scores(outcome.scores)
-        out.produce_dead_letters(outcome.dead_letters)
         crash_point("consume:before_kafka_commit")
         offsets = [TopicPartition(t, p, o + 1) for (t, p), o in through.items()]
         out.commit(offsets, scored.group_metadata)
