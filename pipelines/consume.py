@@ -435,7 +435,8 @@ class ConsumerRunner:
         assert self._scores and self._quarantine and self._kafka_out
         from confluent_kafka import TopicPartition
 
-        clock = StepClock(self.summary.step_seconds)
+        steps: dict[str, float] = {}
+        clock = StepClock(steps)
         outcome, through = scored.outcome, scored.through
         meta = {
             "sluice.job": "consume",
@@ -470,9 +471,22 @@ class ConsumerRunner:
         self._published_since_last_delta = dict(through)
         clock.lap("kafka")
         crash_point("consume:after_kafka_commit")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "batch published",
+                extra={
+                    "scored": outcome.scores.num_rows,
+                    "dead_lettered": outcome.dead_letters.num_rows,
+                    "quarantined": outcome.quarantined.num_rows,
+                    "through": {f"{t}[{p}]": o for (t, p), o in through.items()},
+                    "step_seconds": {k: round(v, 4) for k, v in steps.items()},
+                },
+            )
 
         s = self.summary
         s.stats.add(outcome.stats)
+        for step, seconds in steps.items():
+            s.step_seconds[step] = s.step_seconds.get(step, 0.0) + seconds
         s.batches += 1
         s.delta_rows_written += written.rows_written
         s.replayed_rows_skipped += written.rows_skipped
