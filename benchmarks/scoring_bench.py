@@ -15,7 +15,8 @@ One run, on one machine, against one real broker (Apache Kafka, KRaft) and one r
     ``batching.max_wait_ms`` at --latency-max-wait-ms;
 (4) ``sluice score-stream --engine spark --trigger availableNow`` over the pre-filled topic:
     events/s over its micro-batches (JVM start excluded: the session's start-up is before the first
-    batch);
+    batch), on the stream's default local master (two task slots per core), then (4') on one slot
+    per core for comparison;
 (5) the Spark stream's latency with a processingTime trigger at a rate it sustains.
 
 Usage::
@@ -117,6 +118,7 @@ def write_config(
     redis: str,
     pipeline: bool = False,
     max_wait_ms: int = 100,
+    spark_master: str | None = None,
 ) -> Path:
     cfg = {
         "kafka": {"bootstrap": bootstrap, "topic": topic, "group": group},
@@ -127,7 +129,9 @@ def write_config(
             "online_store": {"type": "redis", "connection_string": redis},
         },
         "batching": {"max_records": 20_000, "max_wait_ms": max_wait_ms, "pipeline": pipeline},
-        "spark": {"master": "local[2]", "max_offsets_per_trigger": 100_000, "trigger_interval": "500 milliseconds"},
+        # No master: the stream's own default (local[cores x spark.local_task_slots_per_core]).
+        "spark": {"max_offsets_per_trigger": 100_000, "trigger_interval": "500 milliseconds"}
+        | ({"master": spark_master} if spark_master else {}),
     }
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -221,8 +225,8 @@ def run_consumers(config: Path, instances: int, work: Path) -> dict[str, Any]:
     }
 
 
-def run_spark_available_now(config: Path, work: Path) -> dict[str, Any]:
-    out = work / "spark-available-now.json"
+def run_spark_available_now(config: Path, work: Path, name: str = "spark-available-now") -> dict[str, Any]:
+    out = work / f"{name}.json"
     t0 = time.perf_counter()
     done = subprocess.run(
         [
@@ -243,13 +247,14 @@ def run_spark_available_now(config: Path, work: Path) -> dict[str, Any]:
         text=True,
         timeout=3600,
     )
-    (work / "spark-available-now.log").write_text(done.stderr)
+    (work / f"{name}.log").write_text(done.stderr)
     if done.returncode != 0:
         raise SystemExit(f"sluice score-stream failed: {done.stderr[-3000:]}")
     s = json.loads(out.read_text())
     return {
         "records": s["records"],
         "batches": s["batches"],
+        "master": s.get("master"),
         "seconds": s["streaming_seconds"],
         "events_per_s": s["records_per_second"],
         **_after_first_batch(done.stderr),
@@ -522,6 +527,7 @@ def report_markdown(r: dict[str, Any], rel: str) -> str:
     c1s = r.get("consume_1_serial") or {}
     lat = r.get("consume_latency") or {}
     sp, spl = r.get("spark_available_now") or {}, r.get("spark_latency") or {}
+    sp1 = r.get("spark_available_now_one_slot") or {}
     ceiling = (r.get("ceiling") or {}).get("events_per_s")
     best = max((x.get("events_per_s") or 0 for x in (c1, c1s, c2)), default=0) or None
     lines = [
@@ -543,8 +549,10 @@ def report_markdown(r: dict[str, Any], rel: str) -> str:
         f"| (2) `sluice consume`, 2 processes, one group, `batching.pipeline: false` | {_f(c2.get('events_per_s'))} "
         "| same, partitions split |",
         f"| (4) `sluice score-stream --engine spark`, availableNow | {_f(sp.get('events_per_s'))} "
-        f"| {sp.get('batches', '—')} micro-batches, local[2]; after micro-batch 0: "
-        f"{_f(sp.get('after_first_batch_events_per_s'))}/s |",
+        f"| {sp.get('batches', '—')} micro-batches, {sp.get('master') or '—'} (the stream's default: two task slots "
+        f"per core); after micro-batch 0: {_f(sp.get('after_first_batch_events_per_s'))}/s |",
+        f"| (4') the same with one task slot per core | {_f(sp1.get('events_per_s'))} "
+        f"| {sp1.get('master') or '—'}; after micro-batch 0: {_f(sp1.get('after_first_batch_events_per_s'))}/s |",
         "",
         "| latency (event_time → visible) | rate | topic p50 / p99 ms | Delta p50 / p99 ms "
         "| warm-up: topic p50 / max ms |",
@@ -616,7 +624,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--train-rows", type=int, default=2_000_000)
     ap.add_argument(
-        "--skip", default="", help="comma list of ceiling,consume1,consume1_serial,consume2,latency,spark,spark_latency"
+        "--skip",
+        default="",
+        help="comma list of ceiling,consume1,consume1_serial,consume2,latency,spark,spark_one_slot,spark_latency",
     )
     ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
     ap.add_argument("--no-readme", action="store_true")
@@ -727,6 +737,20 @@ def main(argv: list[str] | None = None) -> int:
             an = r["spark_available_now"]
             steps = an["step_seconds_summed"]
             log(f"(4) spark availableNow: {an['events_per_s']:,.0f} events/s; driver s per step {steps}")
+        if "spark_one_slot" not in skip:
+            cores = len(os.sched_getaffinity(0))
+            cfg = write_config(
+                work / "spark-one-slot.yaml",
+                bootstrap=broker.bootstrap,
+                topic=topic,
+                group="unused",
+                model=model,
+                target=work / "spark-one-slot" / "scores",
+                redis=redis,
+                spark_master=f"local[{cores}]",
+            )
+            one = r["spark_available_now_one_slot"] = run_spark_available_now(cfg, work, "spark-one-slot")
+            log(f"(4') spark availableNow, local[{cores}]: {one['events_per_s']:,.0f} events/s")
         if "spark_latency" not in skip:
             lt = "bench-spark-latency"
             ensure_topics(broker.bootstrap, {lt: PARTITIONS})

@@ -415,7 +415,10 @@ def score_stream(
     checkpoint: Annotated[
         str | None, typer.Option("--checkpoint", help="Spark checkpoint (default <target>_checkpoint)")
     ] = None,
-    master: Annotated[str | None, typer.Option("--master", help="Spark master (default local[*])")] = None,
+    master: Annotated[
+        str | None,
+        typer.Option("--master", help="Spark master (default outside spark-submit: local[2 x cores])"),
+    ] = None,
     codec: Annotated[str | None, typer.Option("--codec", help="json or avro")] = None,
     feast: Annotated[bool | None, typer.Option("--feast/--no-feast", help="write the Feast online store")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", min=1, help="stop after this many seconds")] = None,
@@ -439,7 +442,12 @@ def score_stream(
         from pipelines.score_stream import run_stream
         from transforms.spark.session import get_session
 
-        spark = get_session(app_name=cfg.spark.app_name, master=cfg.spark.master, conf=cfg.spark.conf)
+        spark = get_session(
+            app_name=cfg.spark.app_name,
+            master=cfg.spark.master,
+            conf=cfg.spark.conf,
+            local_slots_per_core=cfg.spark.local_task_slots_per_core,
+        )
         summary = run_stream(cfg, spark, timeout_s=timeout)
     except SluiceError as exc:
         _fail(exc)

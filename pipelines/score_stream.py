@@ -75,6 +75,8 @@ class StreamSummary:
     quarantine_uri: str
     checkpoint: str
     trigger: str
+    #: The Spark master the stream ran on (local[N]: N task slots).
+    master: str = ""
     batches: int = 0
     records: int = 0
     scored: int = 0
@@ -337,6 +339,7 @@ def start_stream(cfg: ScoreConfig, spark: SparkSession) -> tuple[StreamingQuery,
         quarantine_uri=cfg.target.quarantine,
         checkpoint=checkpoint,
         trigger=cfg.spark.trigger,
+        master=spark.sparkContext.master or "",
     )
     arrow_batch = "spark.sql.execution.arrow.maxRecordsPerBatch"
     spark.conf.set(arrow_batch, cfg.spark.conf.get(arrow_batch, str(cfg.spark.arrow_batch_records)))

@@ -72,7 +72,7 @@ def render_consume(s: ConsumeSummary, console: Console | None = None) -> None:
 
 def render_stream(s: StreamSummary, console: Console | None = None) -> None:
     table = _table(f"sluice score-stream · spark · {s.stream_id}")
-    table.add_row("source", f"topic {s.topic} · trigger {s.trigger}")
+    table.add_row("source", f"topic {s.topic} · trigger {s.trigger} · master {s.master or '-'}")
     table.add_row("records in", f"{s.records:,} in {s.batches:,} micro-batches")
     table.add_row("scored", f"{s.scored:,}")
     table.add_row("dead-lettered", f"{s.dead_lettered:,}")

@@ -63,13 +63,27 @@ def find_delta_jars() -> list[str]:
     raise ConfigError(f"Delta jars for Spark not found: run `make install` (or infra/bootstrap.sh), or set {JARS_ENV}")
 
 
+def local_master(master: str | None, *, slots_per_core: int = 1) -> str:
+    """``master`` if given; else ``local[*]``, or ``local[N]`` with N = this process's cores x ``slots_per_core``."""
+    if master:
+        return master
+    if slots_per_core > 1:
+        return f"local[{len(os.sched_getaffinity(0)) * slots_per_core}]"
+    return "local[*]"
+
+
 def get_session(
     *,
     app_name: str = "sluice",
     master: str | None = None,
     conf: dict[str, str] | None = None,
+    local_slots_per_core: int = 1,
 ) -> SparkSession:
-    """The active session if there is one (spark-submit), else a local one with Delta."""
+    """The active session if there is one (spark-submit), else a local one with Delta.
+
+    Without a ``master``, a local session gets ``local[*]``, or ``local[cores x local_slots_per_core]``
+    for jobs whose tasks wait on their Python workers as much as they compute (the scoring stream).
+    """
     from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
@@ -80,7 +94,7 @@ def get_session(
     builder = SparkSession.builder.appName(app_name)
     submitted = bool(os.environ.get("PYSPARK_GATEWAY_PORT"))  # set by spark-submit for the driver
     if master or not submitted:
-        builder = builder.master(master or "local[*]")
+        builder = builder.master(local_master(master, slots_per_core=local_slots_per_core))
         for k, v in _LOCAL_CONF.items():
             builder = builder.config(k, v)
         log4j = Path(__file__).with_name("log4j2.properties")
