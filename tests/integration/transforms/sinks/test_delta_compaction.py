@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 from deltalake import DeltaTable
 
 from tests.integration.transforms.sinks.test_delta_offsets import TOPIC, positions, scores, sink_at
@@ -49,3 +52,27 @@ def test_a_writer_keeps_appending_after_a_compaction(tmp_path: Path) -> None:
 
     assert sink.append(scores(0, range(6, 12)), through={(TOPIC, 0): 11}).rows_written == 4
     assert positions(uri) == Counter({(0, o): 1 for o in range(12)})
+
+
+def test_stop_waits_for_a_compaction_under_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = tmp_path / "scores"
+    sink = sink_at(uri)
+    sink.append(scores(0, range(4)), through={(TOPIC, 0): 3})
+    sink.append(scores(0, range(4, 8)), through={(TOPIC, 0): 7})
+    started, finished = threading.Event(), threading.Event()
+    real_run_once = PartitionCompactor.run_once
+
+    def slow_run_once(self: PartitionCompactor) -> None:
+        started.set()
+        time.sleep(0.5)  # a compaction long enough for stop() to arrive in the middle of it
+        real_run_once(self)
+        finished.set()
+
+    monkeypatch.setattr(PartitionCompactor, "run_once", slow_run_once)
+    compactor = PartitionCompactor([str(uri)], {}, every_s=0.05)
+    compactor.saw_rows(scores(0, range(8)))
+    assert started.wait(10)
+
+    assert compactor.stop() is True
+    assert finished.is_set() and compactor.runs == 1
+    assert sum(_files_per_date(uri).values()) == 2  # one file per date: the compaction committed
