@@ -723,34 +723,31 @@ def main(argv: list[str] | None = None) -> int:
             )
             lat = r["consume_latency"]
             log(f"(3) consumer latency at {args.rate:,.0f}/s: topic p50/p99 {_pq(lat, 'topic_ms')} ms")
-        if "spark" not in skip:
+        cores = len(os.sched_getaffinity(0))
+        # (4) on the stream's default master (two task slots per core), (4') on one slot per core.
+        for key, name, master in (
+            ("spark", "spark-available-now", None),
+            ("spark_one_slot", "spark-one-slot", f"local[{cores}]"),
+        ):
+            if key in skip:
+                continue
             cfg = write_config(
-                work / "spark.yaml",
+                work / f"{name}.yaml",
                 bootstrap=broker.bootstrap,
                 topic=topic,
                 group="unused",
                 model=model,
-                target=work / "spark" / "scores",
+                target=work / name / "scores",
                 redis=redis,
+                spark_master=master,
             )
-            r["spark_available_now"] = run_spark_available_now(cfg, work)
-            an = r["spark_available_now"]
-            steps = an["step_seconds_summed"]
-            log(f"(4) spark availableNow: {an['events_per_s']:,.0f} events/s; driver s per step {steps}")
-        if "spark_one_slot" not in skip:
-            cores = len(os.sched_getaffinity(0))
-            cfg = write_config(
-                work / "spark-one-slot.yaml",
-                bootstrap=broker.bootstrap,
-                topic=topic,
-                group="unused",
-                model=model,
-                target=work / "spark-one-slot" / "scores",
-                redis=redis,
-                spark_master=f"local[{cores}]",
+            an = r["spark_available_now" if master is None else "spark_available_now_one_slot"] = (
+                run_spark_available_now(cfg, work, name)
             )
-            one = r["spark_available_now_one_slot"] = run_spark_available_now(cfg, work, "spark-one-slot")
-            log(f"(4') spark availableNow, local[{cores}]: {one['events_per_s']:,.0f} events/s")
+            log(
+                f"(4) spark availableNow on {an['master']}: {an['events_per_s']:,.0f} events/s; "
+                f"driver s per step {an['step_seconds_summed']}"
+            )
         if "spark_latency" not in skip:
             lt = "bench-spark-latency"
             ensure_topics(broker.bootstrap, {lt: PARTITIONS})

@@ -33,7 +33,7 @@ class JsonFormatter(logging.Formatter):
 def configure(level: str | None = None) -> None:
     """Structured (JSON) or rich logs on stderr; ``SLUICE_LOG_LEVEL`` (default INFO) and
     ``SLUICE_LOG_FORMAT`` (``json``/``text``) override, e.g. DEBUG for the consumer's per-batch lines."""
-    level = level or os.environ.get("SLUICE_LOG_LEVEL", "INFO").upper()
+    level = (level or os.environ.get("SLUICE_LOG_LEVEL") or "INFO").upper()
     if level not in logging.getLevelNamesMapping():
         raise SystemExit(f"error: SLUICE_LOG_LEVEL={level!r} is not a log level (DEBUG, INFO, WARNING, ERROR)")
     fmt = os.environ.get("SLUICE_LOG_FORMAT") or ("text" if sys.stderr.isatty() else "json")

@@ -38,9 +38,9 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pipelines.score_config import ScoreConfig
+from pipelines.score_config import KafkaConfig, ScoreConfig
 from pipelines.step_times import StepClock
 from schemas.scores import SCORES_PARTITION_COLUMNS, SCORES_QUARANTINE_SCHEMA, SCORES_SCHEMA
 from transforms.crashpoints import crash_point
@@ -59,8 +59,10 @@ from transforms.spark.score import (
 )
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame, SparkSession
-    from pyspark.sql.streaming import StreamingQuery
+    from pyspark.sql import DataFrame, DataFrameReader, SparkSession
+    from pyspark.sql.streaming import DataStreamReader, StreamingQuery
+
+_Reader = TypeVar("_Reader", "DataFrameReader", "DataStreamReader")
 
 log = logging.getLogger("sluice.score_stream")
 
@@ -130,19 +132,23 @@ def _spec(cfg: ScoreConfig) -> ScoringSpec:
     )
 
 
-def kafka_source(spark: SparkSession, cfg: ScoreConfig) -> DataFrame:
-    k = cfg.kafka
-    reader = (
-        spark.readStream.format("kafka")
-        .option("kafka.bootstrap.servers", k.bootstrap)
-        .option("subscribe", k.topic)
-        .option("startingOffsets", "earliest")
-    )
+#: The Kafka source's columns the scoring function reads (KAFKA_RECORD_SCHEMA's order).
+_SOURCE_COLUMNS = ("key", "value", "topic", "partition", "offset", "timestamp")
+
+
+def _with_kafka_options(reader: _Reader, k: KafkaConfig) -> _Reader:
+    """A stream or batch Kafka reader on ``k``'s topic, with its client settings (security...)."""
+    reader = reader.format("kafka").option("kafka.bootstrap.servers", k.bootstrap).option("subscribe", k.topic)
     for key, value in k.client.items():
         reader = reader.option(f"kafka.{key}", value)
+    return reader
+
+
+def kafka_source(spark: SparkSession, cfg: ScoreConfig) -> DataFrame:
+    reader = _with_kafka_options(spark.readStream, cfg.kafka).option("startingOffsets", "earliest")
     if cfg.spark.max_offsets_per_trigger:
         reader = reader.option("maxOffsetsPerTrigger", str(cfg.spark.max_offsets_per_trigger))
-    return reader.load().select("key", "value", "topic", "partition", "offset", "timestamp")
+    return reader.load().select(*_SOURCE_COLUMNS)
 
 
 class _BatchPublisher:
@@ -317,14 +323,12 @@ def _warm_source(spark: SparkSession, cfg: ScoreConfig, publisher: _BatchPublish
         consumer.close()
     if not ranges:
         return 0
-    reader = spark.read.format("kafka").option("kafka.bootstrap.servers", k.bootstrap).option("subscribe", k.topic)
-    for key, value in k.client.items():
-        reader = reader.option(f"kafka.{key}", value)
     df = (
-        reader.option("startingOffsets", json.dumps({k.topic: {str(p): lo for p, (lo, _) in ranges.items()}}))
+        _with_kafka_options(spark.read, k)
+        .option("startingOffsets", json.dumps({k.topic: {str(p): lo for p, (lo, _) in ranges.items()}}))
         .option("endingOffsets", json.dumps({k.topic: {str(p): hi for p, (_, hi) in ranges.items()}}))
         .load()
-        .select("key", "value", "topic", "partition", "offset", "timestamp")
+        .select(*_SOURCE_COLUMNS)
     )
     split_outputs(df.mapInArrow(make_score_fn(publisher.spec, crash_points=False), publisher.out_type).toArrow())
     return sum(hi - lo for lo, hi in ranges.values())
