@@ -28,7 +28,10 @@ batch that crashed between its Delta commit and its Kafka commit. With neither, 
 beginning: nothing of this group reached Kafka, and Delta skips the rows it already holds. SIGTERM/SIGINT
 drain: the batch in hand is finished and committed, the consumer leaves the group, the process
 prints its summary and exits 0. A transactional id fenced by a newer instance means another
-process took this one's place: it stops without committing.
+process took this one's place: it stops without committing. Any other failed batch (the broker
+down, a producer stuck in librdkafka, Redis unreachable) is aborted and replayed by this consumer,
+with a new producer or a new group member where the old one is unusable, for up to
+``kafka.outage_tolerance_s``; after that the process exits non-zero.
 
 Batches can be pipelined (``batching.pipeline``, off by default: on 2 cores shared with the broker it
 measured 14% slower): batch N is published (steps 1-3) on
@@ -68,18 +71,19 @@ from transforms.crashpoints import crash_point
 from transforms.errors import SinkError, SourceError
 from transforms.score_requests import RequestScorer, ScoreOutcome, ScoreStats, ScoringSpec
 from transforms.sinks.delta_compaction import PartitionCompactor
-from transforms.sinks.kafka_outputs import ProducerFenced
+from transforms.sinks.kafka_outputs import ProducerFenced, TransactionalKafkaSink
 
 if TYPE_CHECKING:
     from confluent_kafka import Consumer, Message, TopicPartition
 
     from transforms.sinks.delta_offsets import OffsetTrackedDeltaSink
     from transforms.sinks.feast_scores import FeastScoresSink
-    from transforms.sinks.kafka_outputs import TransactionalKafkaSink
 
 log = logging.getLogger("sluice.consume")
 
 _POLL_S = 0.05
+#: Fatal consumer errors tolerated within ``kafka.outage_tolerance_s`` (at least a minute).
+_MAX_CONSUMER_RESTARTS = 3
 
 
 def default_instance_id(index: int = 0) -> str:
@@ -107,8 +111,13 @@ class ConsumeSummary:
     step_seconds: dict[str, float] = field(default_factory=dict)
     model_versions: list[str] = field(default_factory=list)
     rebalances: int = 0
-    #: Batches whose Kafka commit the group's rebalance refused: their partitions' owner replays them.
+    #: Batches whose Kafka transaction failed (a rebalance refused the commit, the broker was down):
+    #: they are replayed, by this consumer or the partitions' next owner.
     batches_dropped: int = 0
+    #: Transactional producers replaced after one became unusable (stuck, or its abort failed).
+    producers_recreated: int = 0
+    #: Group members replaced after a fatal consumer error (e.g. fenced after a broker restart).
+    consumers_recreated: int = 0
     compactions: int = 0
     #: Wall time of the whole run, start-up (model, Feast, group join) included.
     seconds: float = 0.0
@@ -189,6 +198,10 @@ class ConsumerRunner:
         #: Bumped whenever what was read so far must not be published (a dropped batch: the
         #: partitions rewind); a scored batch from an older epoch is discarded at hand-over.
         self._epoch = 0
+        #: Since when batches have been failing (not by a rebalance), None after a published one.
+        self._failing_since: float | None = None
+        #: When the consumer was last replaced after a fatal error (within the tolerance window).
+        self._consumer_restarts: list[float] = []
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -197,11 +210,8 @@ class ConsumerRunner:
 
     def _open(self) -> None:
         """Everything that can fail on bad input fails here, before the group is joined."""
-        from confluent_kafka import Consumer
-
         from transforms.kafka_admin import ensure_topics
         from transforms.sinks.delta_offsets import OffsetTrackedDeltaSink
-        from transforms.sinks.kafka_outputs import TransactionalKafkaSink
 
         cfg, k = self.cfg, self.cfg.kafka
         device = (
@@ -248,14 +258,17 @@ class ConsumerRunner:
 
             self._feast = FeastScoresSink(cfg.feast, scores_table_uri=cfg.target.uri)
             self._feast.apply()
-        self._kafka_out = TransactionalKafkaSink(
-            k.bootstrap,
-            transactional_id=f"sluice-{k.group}-{self.instance_id}",
-            scores_topic=k.scores,
-            dlq_topic=k.dlq,
-            client_config=k.client,
-        )
-        self._consumer = Consumer(
+        self._kafka_out = self._new_kafka_sink()
+        if cfg.batching.pipeline:
+            self._publisher = ThreadPoolExecutor(1, thread_name_prefix="sluice-publish")
+        self._consumer = self._new_consumer()
+
+    def _new_consumer(self) -> Consumer:
+        """This instance's member of the group, subscribed (it joins on its first poll)."""
+        from confluent_kafka import Consumer
+
+        k = self.cfg.kafka
+        consumer = Consumer(
             {
                 **k.client,
                 "bootstrap.servers": k.bootstrap,
@@ -272,9 +285,20 @@ class ConsumerRunner:
             },
             logger=logging.getLogger("sluice.consume.librdkafka"),
         )
-        if cfg.batching.pipeline:
-            self._publisher = ThreadPoolExecutor(1, thread_name_prefix="sluice-publish")
-        self._consumer.subscribe([k.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        consumer.subscribe([k.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        return consumer
+
+    def _new_kafka_sink(self) -> TransactionalKafkaSink:
+        """The instance's transactional producer; creating it aborts what a predecessor left open."""
+        k = self.cfg.kafka
+        return TransactionalKafkaSink(
+            k.bootstrap,
+            transactional_id=f"sluice-{k.group}-{self.instance_id}",
+            scores_topic=k.scores,
+            dlq_topic=k.dlq,
+            client_config=k.client,
+            transaction_timeout_s=k.transaction_timeout_s,
+        )
 
     def _check_source_topic(self) -> None:
         from confluent_kafka import KafkaException
@@ -335,6 +359,8 @@ class ConsumerRunner:
 
     def _fill(self, deadline_s: float) -> None:
         """Read into the buffer until it holds max_records or the batch's max wait has passed."""
+        from confluent_kafka import KafkaError
+
         assert self._consumer is not None
         b = self.cfg.batching
         first_at: float | None = time.monotonic() if self._buffer else None
@@ -349,13 +375,49 @@ class ConsumerRunner:
             for m in msgs:
                 err = m.error()
                 if err is not None:
-                    if err.fatal():
-                        raise SourceError(f"Kafka consumer failed: {err.str()}")
+                    if err.fatal() or err.code() == KafkaError._FATAL:
+                        self._restart_consumer(err.str())
+                        return
                     log.warning("kafka: %s", err.str())
                     continue
                 self._buffer.append(m)
             if msgs and first_at is None:
                 first_at = time.monotonic()
+
+    def _restart_consumer(self, reason: str) -> None:
+        """Replace a consumer that hit a fatal error with a new member of the group.
+
+        A broker restart can leave a static member's session expired and its next join refused as
+        "fenced by another consumer with the same group.instance.id"; librdkafka makes that fatal
+        and the consumer then reads nothing, ever. What was read but not published is dropped:
+        the new member's assignment resumes at the group's committed offsets. A consumer that keeps
+        failing (say, a second process really uses this instance id) stops the process instead.
+        """
+        assert self._consumer is not None
+        now = time.monotonic()
+        window = max(self.cfg.kafka.outage_tolerance_s, 60.0)
+        self._consumer_restarts = [t for t in self._consumer_restarts if now - t < window]
+        if self.cfg.kafka.outage_tolerance_s == 0 or len(self._consumer_restarts) >= _MAX_CONSUMER_RESTARTS:
+            raise SourceError(
+                f"Kafka consumer failed: {reason} ({len(self._consumer_restarts) + 1} times within {window:g} s; is"
+                f" another consumer running with instance id {self.instance_id}?)"
+            )
+        self._consumer_restarts.append(now)
+        log.error("Kafka consumer failed, rejoining the group with a new one: %s", reason)
+        self.summary.consumers_recreated += 1
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending.result()
+            except SinkError as exc:
+                self._dropped(exc, in_callback=True)  # the new member's assignment sets the positions
+        self._epoch += 1
+        self._buffer = []
+        try:
+            self._consumer.close()
+        except Exception as exc:  # it is broken: what matters is the new one
+            log.warning("closing the failed consumer: %s", exc)
+        self._consumer = self._new_consumer()
 
     def _score(self, messages: list[Message]) -> _Scored:
         assert self._scorer is not None
@@ -408,27 +470,84 @@ class ConsumerRunner:
             self._dropped(exc, in_callback=in_callback)
 
     def _dropped(self, exc: SinkError, *, in_callback: bool) -> None:
-        """A batch's Kafka transaction was aborted: nothing of it is on the topics and the group's
-        offsets did not move. Its partitions' owner replays it (Delta skips the rows it already
-        holds), so nothing read after it may be published: drop that too and rewind."""
+        """A batch's Kafka transaction was aborted (or abandoned): nothing of it is on the topics and
+        the group's offsets did not move. It is replayed (Delta skips the rows it already holds), so
+        nothing read after it may be published: drop that too and rewind.
+
+        After a rebalance the partitions' owner replays it. Any other failure (the broker down, a
+        producer stuck in librdkafka) is retried here, with a new producer if the old one is
+        unusable, for up to ``kafka.outage_tolerance_s`` of failing batches; then the consumer exits
+        non-zero rather than spin."""
         assert self._kafka_out is not None and self._consumer is not None
-        if isinstance(exc, ProducerFenced) or not (self._kafka_out.usable and _rebalanced(exc)):
+        if isinstance(exc, ProducerFenced):
             raise exc
-        log.warning("batch dropped, the group rebalanced under it: %s", exc)
+        rebalanced = self._kafka_out.usable and _rebalanced(exc)
+        if rebalanced:
+            log.warning("batch dropped, the group rebalanced under it: %s", exc)
+        else:
+            self._check_tolerance(exc)
+            log.warning("batch dropped, its Kafka transaction failed; replaying it: %s", exc)
+            if not self._kafka_out.usable:
+                self._recreate_kafka_sink()
         self.summary.batches_dropped += 1
         self._epoch += 1
         self._buffer = []
         if in_callback:
             return  # the assignment that follows sets the positions
-        try:
-            partitions = self._consumer.assignment()
-            if partitions:
-                self._resume_positions(self._consumer, partitions)
-                for p in partitions:
-                    if p.offset >= 0:
-                        self._consumer.seek(p)
-        except Exception as rewind_error:  # the rebalance under way will set the positions anyway
-            log.warning("could not rewind after the dropped batch (the rebalance will): %s", rewind_error)
+        while True:
+            try:
+                self._rewind()
+                return
+            except Exception as rewind_error:
+                if rebalanced:  # the rebalance under way sets the positions anyway
+                    log.warning("could not rewind after the dropped batch (the rebalance will): %s", rewind_error)
+                    return
+                # Reading on from where the dropped batch ended would lose its Kafka outputs.
+                self._check_tolerance(SinkError(f"cannot rewind after a dropped batch: {rewind_error}"))
+                log.warning("cannot rewind after the dropped batch yet: %s", rewind_error)
+                time.sleep(1.0)
+
+    def _rewind(self) -> None:
+        """Seek every assigned partition back to where the group resumes it (module docs)."""
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+        assert self._consumer is not None
+        partitions = self._consumer.assignment()
+        if not partitions:
+            return
+        self._resume_positions(self._consumer, partitions)
+        for p in partitions:
+            # Neither a committed offset nor a published one: nothing of it reached Kafka yet.
+            self._consumer.seek(p if p.offset >= 0 else TopicPartition(p.topic, p.partition, OFFSET_BEGINNING))
+
+    def _check_tolerance(self, exc: SinkError) -> None:
+        """Raise once batches have kept failing for longer than ``kafka.outage_tolerance_s``."""
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        tolerance = self.cfg.kafka.outage_tolerance_s
+        if now - self._failing_since >= tolerance:
+            raise SinkError(
+                f"{exc} (batches kept failing for {now - self._failing_since:.0f} s, kafka.outage_tolerance_s is"
+                f" {tolerance:g})"
+            ) from exc
+
+    def _recreate_kafka_sink(self) -> None:
+        """Replace an unusable producer: the new one, same transactional id, aborts the old one's
+        transaction (init_transactions) before the replay produces again."""
+        assert self._kafka_out is not None
+        self._kafka_out.close()
+        while True:
+            try:
+                self._kafka_out = self._new_kafka_sink()
+                self.summary.producers_recreated += 1
+                return
+            except ProducerFenced:
+                raise
+            except SinkError as exc:
+                self._check_tolerance(exc)
+                log.warning("cannot recreate the Kafka producer yet: %s", exc)
+                time.sleep(1.0)
 
     def _publish(self, scored: _Scored) -> None:
         """Delta, then Feast, then the Kafka transaction with the offsets (module docs)."""
@@ -449,26 +568,36 @@ class ConsumerRunner:
         # leaves an open transaction that the instance's next start aborts (init_transactions).
         out = self._kafka_out
         out.begin()
-        out.produce_scores(outcome.scores)
-        out.produce_dead_letters(outcome.dead_letters)
-        clock.lap("kafka")
-        written = self._scores.append(
-            outcome.scores, through=through, metadata=meta, published=self._published_since_last_delta
-        )
-        self._quarantine.append(outcome.quarantined, through=through, metadata=meta)
-        if self._compactor is not None and outcome.scores.num_rows:
-            self._compactor.saw_rows(outcome.scores)
-        clock.lap("delta")
-        crash_point("consume:after_delta_commit")
-        if self._feast is not None and outcome.scores.num_rows:
-            self.summary.online_written += self._feast.write(outcome.scores)
-        clock.lap("feast")
-        crash_point("consume:after_online_write")
-        crash_point("consume:before_kafka_commit")
-        offsets = [TopicPartition(t, p, o + 1) for (t, p), o in through.items()]
-        out.commit(offsets, scored.group_metadata)
-        # Recorded in Delta with the next batch's commit: where a group without offsets resumes.
-        self._published_since_last_delta = dict(through)
+        try:
+            out.produce_scores(outcome.scores)
+            out.produce_dead_letters(outcome.dead_letters)
+            clock.lap("kafka")
+            written = self._scores.append(
+                outcome.scores, through=through, metadata=meta, published=self._published_since_last_delta
+            )
+            self._quarantine.append(outcome.quarantined, through=through, metadata=meta)
+            if self._compactor is not None and outcome.scores.num_rows:
+                self._compactor.saw_rows(outcome.scores)
+            clock.lap("delta")
+            crash_point("consume:after_delta_commit")
+            if self._feast is not None and outcome.scores.num_rows:
+                self.summary.online_written += self._feast.write(outcome.scores)
+            clock.lap("feast")
+            crash_point("consume:after_online_write")
+            crash_point("consume:before_kafka_commit")
+            offsets = [TopicPartition(t, p, o + 1) for (t, p), o in through.items()]
+            out.commit(offsets, scored.group_metadata)
+            # Recorded in Delta with the next batch's commit: where a group without offsets resumes.
+            self._published_since_last_delta = dict(through)
+        except BaseException:
+            # Nothing of a failed batch may stay open: its replay begins a new transaction.
+            try:
+                out.abort()
+            except ProducerFenced:
+                raise
+            except SinkError as abort_error:
+                log.warning("could not abort the failed batch's Kafka transaction: %s", abort_error)
+            raise
         clock.lap("kafka")
         crash_point("consume:after_kafka_commit")
         if log.isEnabledFor(logging.DEBUG):
@@ -483,6 +612,7 @@ class ConsumerRunner:
                 },
             )
 
+        self._failing_since = None
         s = self.summary
         s.stats.add(outcome.stats)
         for step, seconds in steps.items():

@@ -34,6 +34,20 @@ class KafkaConfig(_Strict):
     client: dict[str, str] = Field(
         default_factory=dict, description="extra librdkafka settings, e.g. security.protocol, sasl.*, ssl.*"
     )
+    transaction_timeout_s: float = Field(
+        60.0,
+        ge=1,
+        le=900,
+        description="the output Kafka transactions' timeout (transaction.timeout.ms, and the bound on every "
+        "transactional call): a broker outage longer than this fails the batch, and a producer stuck in "
+        "librdkafka is given up on 10 s after it",
+    )
+    outage_tolerance_s: float = Field(
+        300.0,
+        ge=0,
+        description="consumer runner: how long batches whose Kafka transaction fails (broker down, producer "
+        "stuck) are replayed before the consumer exits non-zero; 0: exit on the first such failure",
+    )
 
     @property
     def scores(self) -> str:

@@ -211,6 +211,7 @@ class _BatchPublisher:
             ledger_app_id=f"{self.app}:topics",
             client_config=k.client,
             storage_options=cfg.target.storage_options,
+            transaction_timeout_s=k.transaction_timeout_s,
         )
 
         self._compactor = PartitionCompactor(

@@ -65,6 +65,14 @@ def render_consume(s: ConsumeSummary, console: Console | None = None) -> None:
     table.add_row("scores", f"{s.target_uri} (+{s.delta_rows_written:,} rows) · topic {s.scores_topic}")
     if s.replayed_rows_skipped:
         table.add_row("replay", f"{s.replayed_rows_skipped:,} rows already in Delta were not written again")
+    if s.batches_dropped:
+        table.add_row(
+            "dropped",
+            f"{s.batches_dropped} batches replayed after a failed Kafka transaction or a rebalance"
+            f" ({s.producers_recreated} producers recreated)",
+        )
+    if s.consumers_recreated:
+        table.add_row("rejoined", f"{s.consumers_recreated} times with a new consumer after a fatal consumer error")
     table.add_row("online store", f"{s.online_written:,} scores written")
     table.add_row("stopped", s.stopped_because or "-")
     (console or Console()).print(table)

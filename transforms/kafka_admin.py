@@ -40,8 +40,8 @@ def ensure_topics(
     if not topics:
         return
 
-    from confluent_kafka import KafkaError, KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
 
     # librdkafka's own log lines go to Python logging, not straight to stderr.
     admin = AdminClient({**(client_config or {}), "bootstrap.servers": bootstrap}, logger=_log)
@@ -52,21 +52,70 @@ def ensure_topics(
         raise SinkError(f"cannot reach Kafka at {bootstrap} to create topics {sorted(topics)}: {exc}") from exc
     missing = {name: n for name, n in topics.items() if name not in existing}
     if missing:
+        _create(admin, missing, bootstrap, deadline)
+        _wait_for_leaders(admin, bootstrap, list(missing), deadline)
+
+
+def _transient(err: Any) -> bool:
+    """Whether a failed topic creation may succeed if asked again shortly.
+
+    A broker that was just (re)started answers before its controller has unfenced it, and then
+    refuses new topics with INVALID_REPLICATION_FACTOR ("All brokers are currently fenced"); a
+    runner started next to a restarting broker must wait that out, not exit. A replication
+    factor that is really wrong fails the same way, only at the deadline.
+    """
+    from confluent_kafka import KafkaError
+
+    if not isinstance(err, KafkaError):
+        return False
+    return bool(err.retriable()) or err.code() in {
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.NOT_CONTROLLER,
+        KafkaError.BROKER_NOT_AVAILABLE,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.INVALID_REPLICATION_FACTOR,
+    }
+
+
+def _create(admin: Any, missing: dict[str, int], bootstrap: str, deadline: float) -> None:
+    """Create ``missing`` (name -> partitions), asking again on transient errors until ``deadline``."""
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import NewTopic
+
+    pending = dict(missing)
+    backoff = 0.1
+    while pending:
+        request_timeout = max(deadline - time.monotonic(), 1.0)
         futures = admin.create_topics(
-            [NewTopic(name, num_partitions=n, replication_factor=-1) for name, n in missing.items()],
-            request_timeout=timeout_s,
+            [NewTopic(name, num_partitions=n, replication_factor=-1) for name, n in pending.items()],
+            request_timeout=request_timeout,
         )
+        retry: dict[str, tuple[int, str]] = {}
         for name, future in futures.items():
             try:
                 future.result()
             except KafkaException as exc:
                 err = exc.args[0] if exc.args else None
                 if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
-                    continue  # another runner created it in between: that is the goal
+                    pending.pop(name)  # another runner created it in between: that is the goal
+                    continue
                 reason = err.str() if isinstance(err, KafkaError) else str(exc)
+                if _transient(err) and time.monotonic() < deadline:
+                    retry[name] = (pending[name], reason)
+                    continue
                 raise SinkError(f"cannot create Kafka topic {name} on {bootstrap}: {reason}") from exc
-            _log.info("created Kafka topic %s with %d partitions on %s", name, missing[name], bootstrap)
-        _wait_for_leaders(admin, bootstrap, list(missing), deadline)
+            _log.info("created Kafka topic %s with %d partitions on %s", name, pending.pop(name), bootstrap)
+        if retry:
+            _log.warning(
+                "Kafka at %s cannot create topics %s yet (%s); asking again",
+                bootstrap,
+                sorted(retry),
+                next(iter(retry.values()))[1],
+            )
+            time.sleep(min(backoff, max(deadline - time.monotonic(), 0.0)))
+            backoff = min(backoff * 2, 2.0)
 
 
 def _wait_for_leaders(admin: Any, bootstrap: str, names: list[str], deadline: float) -> None:

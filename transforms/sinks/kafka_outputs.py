@@ -23,6 +23,14 @@ sink refuses further use, and the next producer with this ``transactional.id`` (
 process) completes or aborts the transaction in ``init_transactions``: either way the outcome is
 atomic, so the replay that follows is correct.
 
+``send_offsets_to_transaction`` does not honour its timeout in librdkafka up to at least 2.16
+(confluentinc/librdkafka#5456, #5511): when the group coordinator's broker goes away under it,
+the call can block forever. The sink makes that call on a helper thread and gives up on it
+``STUCK_GRACE_S`` after its timeout: the producer is then unusable (it is parked, never destroyed,
+since destroying it would block on the stuck call), and a new sink with the same
+``transactional.id`` fences it and aborts its transaction. A broker restarted under a running
+consumer hit this every time in the recovery tests.
+
 Scores on the wire: one JSON object per row of :data:`~schemas.scores.SCORES_SCHEMA`, fields in
 schema order, keyed by ``request_id``. Timestamps (``event_time``, ``scored_at``) are RFC 3339 UTC
 strings with exactly six fractional digits (``"2026-01-02T03:04:05.123456Z"``), ``event_date`` is
@@ -36,6 +44,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -76,6 +85,12 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     # Java's partitioner: a key lands in the same partition as when a JVM producer writes it.
     "partitioner": "murmur2_random",
 }
+#: How long past its own timeout a stuck ``send_offsets_to_transaction`` is waited for (module docs).
+STUCK_GRACE_S = 10.0
+#: Producers abandoned in a stuck librdkafka call: kept alive so that their destructor (which would
+#: wait for that call) never runs.
+_PARKED: list[Any] = []
+
 _FENCED_CODES = frozenset({"_FENCED", "PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH", "FENCED_INSTANCE_ID"})
 
 Headers = Mapping[str, str | bytes]
@@ -228,7 +243,7 @@ class TransactionalKafkaSink:
         try:
             deadline = time.monotonic() + self.transaction_timeout_s
             if offsets:
-                self._producer.send_offsets_to_transaction(offsets, group_metadata, self.transaction_timeout_s)
+                self._send_offsets(offsets, group_metadata)
             self._producer.commit_transaction(max(deadline - time.monotonic(), 1.0))
         except KafkaException as exc:
             self._fail(exc, "commit")
@@ -263,6 +278,9 @@ class TransactionalKafkaSink:
         except Exception as exc:
             _log.warning("aborting the Kafka transaction of %s on close failed: %s", self.transactional_id, exc)
         self._in_txn = False
+        if self._broken and self._broken.startswith("stuck"):
+            del self._producer  # parked: any call on it could block behind the stuck one
+            return
         try:
             if self._broken:  # what is still queued belongs to a failed transaction: drop it
                 self._producer.purge()
@@ -307,6 +325,33 @@ class TransactionalKafkaSink:
         if self._delivery_error is not None:
             self._fail(None, f"produce to {topic}")
         return len(keys)
+
+    def _send_offsets(self, offsets: list[TopicPartition], group_metadata: Any) -> None:
+        """``send_offsets_to_transaction``, given up on if it outlasts its timeout (module docs)."""
+        timeout = self.transaction_timeout_s
+        outcome: list[BaseException | None] = []
+
+        def call() -> None:
+            try:
+                self._producer.send_offsets_to_transaction(offsets, group_metadata, timeout)
+                outcome.append(None)
+            except BaseException as exc:  # handed to the caller's thread below
+                outcome.append(exc)
+
+        worker = threading.Thread(target=call, name=f"sluice-txn-offsets-{self.transactional_id}", daemon=True)
+        worker.start()
+        worker.join(timeout + STUCK_GRACE_S)
+        if worker.is_alive():
+            _PARKED.append(self._producer)
+            self._broken = "stuck in send_offsets_to_transaction"
+            self._in_txn = False
+            raise SinkError(
+                f"Kafka producer {self.transactional_id} got stuck sending offsets to its transaction for more"
+                f" than {timeout + STUCK_GRACE_S:g} s (librdkafka#5456: the group coordinator went away);"
+                " it was abandoned, and the next producer with this id aborts the transaction"
+            )
+        if outcome and outcome[0] is not None:
+            raise outcome[0]
 
     def _fail(self, exc: KafkaException | None, action: str) -> None:
         """Turn a failed transactional call into the right exception, aborting when possible."""

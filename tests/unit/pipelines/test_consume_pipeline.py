@@ -14,17 +14,26 @@ import pytest
 
 from pipelines.consume import ConsumerRunner, _Scored
 from pipelines.score_config import ScoreConfig
-from transforms.errors import SinkError
+from transforms.errors import SinkError, SourceError
 from transforms.sinks.kafka_outputs import ProducerFenced
 
 
 class _Out:
-    usable = True
+    def __init__(self) -> None:
+        self.usable = True
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
 
 
 class _Consumer:
     def __init__(self) -> None:
         self.seeks: list[Any] = []
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
 
     def assignment(self) -> list[Any]:
         return []
@@ -36,12 +45,13 @@ class _Consumer:
         return object()
 
 
-def _runner(tmp_path: Any, *, pipelined: bool) -> tuple[ConsumerRunner, list[int]]:
+def _runner(tmp_path: Any, *, pipelined: bool, kafka: dict[str, Any] | None = None) -> tuple[ConsumerRunner, list[int]]:
     cfg = ScoreConfig.model_validate(
         {
             "model": {"path": str(tmp_path / "model")},
             "target": {"uri": str(tmp_path / "scores")},
             "batching": {"pipeline": pipelined},
+            "kafka": kafka or {},
         }
     )
     runner = ConsumerRunner(cfg, instance_id="test-0")
@@ -102,16 +112,86 @@ def test_a_batch_dropped_after_a_rebalance_drops_everything_read_after_it(tmp_pa
     assert published[-1] == 199
 
 
-@pytest.mark.parametrize(
-    "error", [ProducerFenced("fenced by a newer instance"), SinkError("Delta commit failed: disk full")]
-)
-def test_other_publish_failures_stop_the_consumer(tmp_path: Any, error: SinkError) -> None:
+def test_a_fenced_producer_stops_the_consumer(tmp_path: Any) -> None:
     runner, _ = _runner(tmp_path, pipelined=True)
 
     def publish(_: _Scored) -> None:
-        raise error
+        raise ProducerFenced("fenced by a newer instance")
 
     runner._publish = publish  # type: ignore[method-assign,assignment]
     runner._hand_over(_scored(runner, 99))
-    with pytest.raises(type(error)):
+    with pytest.raises(ProducerFenced):
         runner._settle()
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_a_failed_transaction_is_replayed_with_a_new_producer_when_the_old_one_is_unusable(
+    tmp_path: Any, pipelined: bool
+) -> None:
+    runner, published = _runner(tmp_path, pipelined=pipelined)
+    stuck = _Out()
+    failures = [SinkError("Kafka producer got stuck sending offsets"), SinkError("Delta commit failed: disk full")]
+    fresh = _Out()
+    runner._new_kafka_sink = lambda: fresh  # type: ignore[assignment,method-assign,return-value]
+
+    def publish(s: _Scored) -> None:
+        if failures:
+            if len(failures) == 2:
+                runner._kafka_out = stuck  # type: ignore[assignment]
+                stuck.usable = False
+            raise failures.pop(0)
+        published.append(s.through[("t", 0)])
+
+    runner._publish = publish  # type: ignore[method-assign,assignment]
+    for _ in range(3):  # the batch, its replay (fails again: usable producer, kept), its second replay
+        runner._hand_over(_scored(runner, 99))
+        runner._settle()
+    assert published == [99]
+    assert runner.summary.batches_dropped == 2
+    assert runner.summary.producers_recreated == 1 and runner._kafka_out is fresh and stuck.closed
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 30.0])
+def test_failures_past_the_outage_tolerance_stop_the_consumer(
+    tmp_path: Any, tolerance: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner, _ = _runner(tmp_path, pipelined=False, kafka={"outage_tolerance_s": tolerance})
+    clock = [1000.0]
+    monkeypatch.setattr("pipelines.consume.time.monotonic", lambda: clock[0])
+
+    def publish(_: _Scored) -> None:
+        raise SinkError("Kafka transaction failed on commit: broker down")
+
+    runner._publish = publish  # type: ignore[method-assign,assignment]
+    if tolerance:
+        runner._hand_over(_scored(runner, 99))  # the first failure starts the streak: replayed
+        clock[0] += tolerance - 1
+        runner._hand_over(_scored(runner, 99))
+        assert runner.summary.batches_dropped == 2
+        clock[0] += 1
+    with pytest.raises(SinkError, match=rf"kept failing for {tolerance:.0f} s, kafka.outage_tolerance_s"):
+        runner._hand_over(_scored(runner, 99))
+
+
+def test_a_fatal_consumer_error_rejoins_with_a_new_consumer_a_few_times_then_stops(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner, _ = _runner(tmp_path, pipelined=False)
+    old = runner._consumer
+    created: list[_Consumer] = []
+
+    def new_consumer() -> _Consumer:
+        created.append(_Consumer())
+        return created[-1]
+
+    runner._new_consumer = new_consumer  # type: ignore[assignment,method-assign]
+    runner._buffer = ["read before the error"]  # type: ignore[list-item]
+    epoch = runner._epoch
+    runner._restart_consumer("Static consumer fenced by other consumer with same group.instance.id")
+    assert runner._consumer is created[0] and old.closed  # type: ignore[union-attr]
+    assert runner._buffer == [] and runner._epoch == epoch + 1, "what was read before must be read again"
+    runner._restart_consumer("again")
+    runner._restart_consumer("again")
+    with pytest.raises(SourceError, match="is another consumer running with instance id test-0"):
+        runner._restart_consumer("again")
+    assert runner.summary.consumers_recreated == 3

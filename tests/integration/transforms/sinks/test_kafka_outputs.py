@@ -35,6 +35,7 @@ from schemas.scores import (
 from tests.fixtures.kafka_broker import unique_topic
 from transforms.errors import SinkError
 from transforms.kafka_admin import ensure_topics
+from transforms.sinks import kafka_outputs
 from transforms.sinks.kafka_outputs import ProducerFenced, TransactionalKafkaSink
 
 PARTITIONS = 3
@@ -317,3 +318,50 @@ def test_a_producer_without_the_sink_sees_nothing_uncommitted(kafka: KafkaBroker
     plain.produce(scores, b"v", b"k", partition=0)
     plain.flush(10)
     assert [m.key() for m in read_committed(kafka.bootstrap, scores)] == [b"k"]
+
+
+def test_a_broker_restart_under_a_transaction_with_offsets_never_blocks_past_the_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """librdkafka's ``send_offsets_to_transaction`` can block forever once the group coordinator's
+    broker went away (librdkafka#5456): the commit still ends in bounded time, and a new sink with
+    the same id then works, with nothing of the failed transaction visible."""
+    monkeypatch.setattr(kafka_outputs, "STUCK_GRACE_S", 2.0)
+    broker = KafkaBroker(free_port(), tmp_path / "kafka")  # private: see the test above
+    broker.start()
+    try:
+        scores, _ = topics(broker.bootstrap)
+        source, group, txn_id = unique_topic("source"), unique_topic("group"), unique_topic("instance")
+        ensure_topics(broker.bootstrap, {source: 1})
+        consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": group, "enable.auto.commit": False})
+        consumer.assign([TopicPartition(source, 0)])
+        sink = new_sink(broker.bootstrap, scores, txn_id=txn_id, transaction_timeout_s=5.0)
+        # One committed transaction first: the group coordinator is known to the producer.
+        sink.begin()
+        sink.produce_scores(score_rows(["first"]))
+        sink.commit([TopicPartition(source, 0, 1)], consumer.consumer_group_metadata())
+        sink.begin()
+        sink.produce_scores(score_rows(["lost"]))
+        broker.restart()
+        started = time.monotonic()
+        try:
+            sink.commit([TopicPartition(source, 0, 2)], consumer.consumer_group_metadata())
+            committed = True
+        except SinkError as exc:
+            assert "stuck" in str(exc) or "failed on commit" in str(exc), exc
+            committed = False
+        assert time.monotonic() - started < 5 + 2 + 5 + 10
+        sink.close(timeout_s=1.0)
+
+        successor = new_sink(broker.bootstrap, scores, txn_id=txn_id, transaction_timeout_s=5.0)
+        try:
+            successor.begin()
+            successor.produce_scores(score_rows(["successor"]))
+            successor.commit([TopicPartition(source, 0, 3)], consumer.consumer_group_metadata())
+        finally:
+            successor.close()
+        consumer.close()
+        keys = sorted(m.key() for m in read_committed(broker.bootstrap, scores))
+        assert keys == sorted([b"first", b"successor", *([b"lost"] if committed else [])])
+    finally:
+        broker.stop()
