@@ -221,21 +221,25 @@ def test_broker_restart_mid_stream_loses_nothing(kafka: KafkaBroker, ctr_artifac
             kafka.bootstrap, topic, events=12_000, rate=800, poison_fraction=0.01, seed=21, progress=False
         )
 
-    # The outage must hit a consumer that is consuming, not one still starting (on a loaded CI
-    # machine start-up alone can outlast the first seconds of the stream).
-    deadline = time.monotonic() + 120
-    while "partitions assigned" not in log_file.read_text():
-        assert proc.poll() is None and time.monotonic() < deadline, log_file.read_text()[-3000:]
-        time.sleep(0.2)
-    producer = threading.Thread(target=produce)
-    producer.start()
-    time.sleep(5)
-    kafka.stop()
-    time.sleep(4)
-    kafka.start()
-    producer.join()
-    proc.wait(timeout=300)
-    assert proc.returncode == 0, log_file.read_text()[-3000:]
+    try:
+        # The outage must hit a consumer that is consuming, not one still starting (on a loaded CI
+        # machine start-up alone can outlast the first seconds of the stream).
+        deadline = time.monotonic() + 120
+        while "partitions assigned" not in log_file.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_file.read_text()[-3000:]
+            time.sleep(0.2)
+        producer = threading.Thread(target=produce)
+        producer.start()
+        time.sleep(5)
+        kafka.stop()
+        time.sleep(4)
+        kafka.start()
+        producer.join()
+        proc.wait(timeout=300)
+        assert proc.returncode == 0, log_file.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:  # a hung consumer must not outlive the test
+            proc.kill()
     check_outputs(
         report["r"],
         bootstrap=kafka.bootstrap,

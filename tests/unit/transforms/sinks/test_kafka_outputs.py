@@ -1,9 +1,13 @@
-"""The scores' JSON encoding (pure logic): what the column-wise Arrow encoder writes must parse
-back to the row, for strings that need escaping and floats at float32's edges alike."""
+"""Pure logic of the Kafka sink: the scores' JSON encoding (what the column-wise Arrow encoder
+writes must parse back to the row, for strings that need escaping and floats at float32's edges
+alike), and the daemon thread that bounds librdkafka calls which ignore their timeout."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, date, datetime
 
 import numpy as np
@@ -12,7 +16,7 @@ import pytest
 
 from schemas.scores import SCORES_SCHEMA
 from transforms.errors import SinkError
-from transforms.sinks.kafka_outputs import encode_scores
+from transforms.sinks.kafka_outputs import _DaemonCaller, encode_scores
 
 TRICKY = ["plain", 'quote " inside', "back\\slash", "new\nline\ttab\x01ctl", "é ü 漢字 😀", "\u2028sep", ""]
 FLOATS = [0.1, 1e-7, 3.4028235e38, 1.17549435e-38, 0.0, -0.0, 0.5, 0.999999940395]
@@ -90,3 +94,18 @@ def test_values_json_cannot_carry_are_refused(column: str, value: object, messag
 def test_a_missing_column_is_refused() -> None:
     with pytest.raises(SinkError, match="lack column"):
         encode_scores(rows(2).drop_columns(["event_date"]))
+
+
+def test_the_daemon_caller_returns_raises_and_stops_waiting_for_a_stuck_call() -> None:
+    caller = _DaemonCaller("test-caller")
+    assert caller.call(lambda: 41 + 1, 5.0) == 42
+    with pytest.raises(ZeroDivisionError):
+        caller.call(lambda: 1 // 0, 5.0)
+    release = threading.Event()
+    started = time.monotonic()
+    with pytest.raises(FutureTimeout):
+        caller.call(lambda: release.wait(30), 0.2)  # as a librdkafka call that ignores its timeout
+    assert time.monotonic() - started < 5
+    release.set()
+    assert caller.call(lambda: "served after the stuck call ended", 5.0).startswith("served")
+    caller.stop()
