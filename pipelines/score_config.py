@@ -38,8 +38,8 @@ class KafkaConfig(_Strict):
         60.0,
         ge=1,
         le=900,
-        description="the output Kafka transactions' timeout (transaction.timeout.ms, and the bound on every "
-        "transactional call): a broker outage longer than this fails the batch, and a producer stuck in "
+        description="the output Kafka transactions' timeout (transaction.timeout.ms, and the bound on each "
+        "commit and abort): a broker outage longer than this fails the batch, and a producer stuck in "
         "librdkafka is given up on 10 s after it",
     )
     outage_tolerance_s: float = Field(
@@ -121,9 +121,9 @@ class StreamSparkConfig(SparkConfig):
         description="task slots per core of the embedded local Spark (master unset, not under spark-submit). A "
         "scoring task alternates between the JVM (Kafka fetch, Arrow) and its Python worker (decode, model, GX), "
         "so with one slot per core a core idles whenever its task is on the other side. Measured on 2 cores, "
-        "availableNow over 300k events, two slots against one in four interleaved pairs: +15%, +10%, +2%, -6% "
-        "events/s (a noisy machine: a small gain on average); each slot's Python worker holds ~1 GB. On a cluster "
-        "the same reasoning applies to spark.executor.cores",
+        "availableNow, two slots against one in five interleaved pairs: +15%, +10%, +2%, -6%, -1% "
+        "events/s (a noisy machine: about +4% on average, not proven); each slot's Python worker holds ~1 GB. "
+        "On a cluster the same reasoning applies to spark.executor.cores",
     )
     app_name: str = "sluice-score-stream"
     checkpoint: Annotated[str, AfterValidator(_absolute_uri)] | None = Field(

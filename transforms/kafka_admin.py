@@ -92,7 +92,7 @@ def _create(admin: Any, missing: dict[str, int], bootstrap: str, deadline: float
             [NewTopic(name, num_partitions=n, replication_factor=-1) for name, n in pending.items()],
             request_timeout=request_timeout,
         )
-        retry: dict[str, tuple[int, str]] = {}
+        retry: dict[str, str] = {}  # name -> why
         for name, future in futures.items():
             try:
                 future.result()
@@ -103,7 +103,7 @@ def _create(admin: Any, missing: dict[str, int], bootstrap: str, deadline: float
                     continue
                 reason = err.str() if isinstance(err, KafkaError) else str(exc)
                 if _transient(err) and time.monotonic() < deadline:
-                    retry[name] = (pending[name], reason)
+                    retry[name] = reason
                     continue
                 raise SinkError(f"cannot create Kafka topic {name} on {bootstrap}: {reason}") from exc
             _log.info("created Kafka topic %s with %d partitions on %s", name, pending.pop(name), bootstrap)
@@ -112,7 +112,7 @@ def _create(admin: Any, missing: dict[str, int], bootstrap: str, deadline: float
                 "Kafka at %s cannot create topics %s yet (%s); asking again",
                 bootstrap,
                 sorted(retry),
-                next(iter(retry.values()))[1],
+                next(iter(retry.values())),
             )
             time.sleep(min(backoff, max(deadline - time.monotonic(), 0.0)))
             backoff = min(backoff * 2, 2.0)
