@@ -119,11 +119,12 @@ def write_config(
     pipeline: bool = False,
     max_wait_ms: int = 100,
     spark_master: str | None = None,
+    target_extra: dict[str, Any] | None = None,
 ) -> Path:
     cfg = {
         "kafka": {"bootstrap": bootstrap, "topic": topic, "group": group},
         "model": {"path": str(model), "device": "cpu"},
-        "target": {"uri": str(target), "compact_every_s": 0},
+        "target": {"uri": str(target)} | (target_extra or {}),
         "feast": {
             "registry": str(target.parent / "feast" / "registry.db"),
             "online_store": {"type": "redis", "connection_string": redis},
@@ -396,22 +397,40 @@ class TopicTail:
 
 
 def delta_latencies(uri: str, since_ms: int) -> list[tuple[float, float]]:
-    """Per row produced after ``since_ms``: (event_time ms, its Delta file's write time minus its event_time)."""
-    from deltalake import DeltaTable
+    """Per row produced after ``since_ms``: (event_time ms, the write time of the first data file
+    that held it minus its event_time).
 
-    dt = DeltaTable(uri)
-    actions = pa.table(dt.get_add_actions(flatten=True))
-    out: list[tuple[float, float]] = []
-    for path, mtime in zip(
-        actions.column("path").to_pylist(), actions.column("modification_time").to_pylist(), strict=True
-    ):
-        written_ms = mtime.timestamp() * 1000 if hasattr(mtime, "timestamp") else float(mtime)
-        import pyarrow.parquet as pq
+    Every parquet file under the table counts, also those a compaction has since replaced (nothing
+    vacuums during a run): a row's first file is the one its append committed, while a compacted
+    file's write time is the compaction's. Rows are told apart by (partition, offset).
+    """
+    import pyarrow.parquet as pq
 
-        events = pq.read_table(os.path.join(uri, path), columns=["event_time"]).column("event_time")
-        ms = pc.cast(pc.cast(events, pa.timestamp("ms", tz="UTC")), pa.int64()).to_numpy()
-        ms = ms[ms >= since_ms]
-        out.extend(zip(ms.tolist(), (written_ms - ms).tolist(), strict=True))
+    first: dict[tuple[int, int], tuple[float, int]] = {}  # (partition, offset) -> (written ms, event ms)
+    for path in Path(uri).rglob("*.parquet"):
+        if "_delta_log" in path.parts:
+            continue
+        written_ms = path.stat().st_mtime * 1000
+        t = pq.read_table(path, columns=["partition", "offset", "event_time"])
+        events = pc.cast(pc.cast(t.column("event_time"), pa.timestamp("ms", tz="UTC")), pa.int64()).to_numpy()
+        keys = zip(t.column("partition").to_pylist(), t.column("offset").to_pylist(), strict=True)
+        for key, ms in zip(keys, events.tolist(), strict=True):
+            if ms >= since_ms and (key not in first or written_ms < first[key][0]):
+                first[key] = (written_ms, ms)
+    return [(ms, written - ms) for written, ms in first.values()]
+
+
+def windows(latencies: list[tuple[float, float]], since_ms: int, window_s: float) -> list[dict[str, Any]]:
+    """p50/p99 per ``window_s`` of event time from ``since_ms``: a sustained run's drift (a cost that
+    grows with the table's age) shows here and is averaged away in the whole run's percentiles."""
+    buckets: dict[int, list[float]] = {}
+    for at, ms in latencies:
+        if at >= since_ms:
+            buckets.setdefault(int((at - since_ms) // (window_s * 1000)), []).append(ms)
+    out = []
+    for k in sorted(buckets):
+        p = percentiles(buckets[k])
+        out.append({"from_s": round(k * window_s), "n": p["n"], "p50": p["p50"], "p99": p["p99"]})
     return out
 
 
@@ -441,6 +460,7 @@ def latency_run(
     warmup_seconds: float,
     seed: int,
     ready_text: str,
+    window_s: float = 30,
 ) -> dict[str, Any]:
     """Latencies of the events produced in ``seconds`` at ``rate``, after ``warmup_seconds`` at the
     same rate whose events are reported apart (``warmup_*``): a runner's first batches pay one-off
@@ -491,6 +511,8 @@ def latency_run(
         else {},
         "topic_ms": percentiles([ms for at, ms in topic_lat if at >= measured_from]),
         "delta_ms": percentiles([ms for at, ms in delta_lat if at >= measured_from]),
+        "window_s": window_s,
+        "topic_windows_ms": windows(topic_lat, measured_from, window_s),
         "warmup_topic_ms": percentiles([ms for at, ms in topic_lat if at < measured_from]),
         "warmup_delta_ms": percentiles([ms for at, ms in delta_lat if at < measured_from]),
     }
@@ -566,6 +588,13 @@ def report_markdown(r: dict[str, Any], rel: str) -> str:
         f"after a {_f(lat.get('warmup_seconds') or spl.get('warmup_seconds'))} s warm-up at the same rate; "
         "the warm-up's events (the runner's first batches) are the last column.",
         "",
+        f"Consumer topic p99 per {_f(lat.get('window_s'))} s window (a cost growing with the tables' age "
+        "would show as a rising series): "
+        + (", ".join(_f(w.get("p99")) for w in lat.get("topic_windows_ms") or []) or "—")
+        + " ms"
+        + (f"; target settings `{json.dumps(r['target'])}`" if r.get("target") else "")
+        + ".",
+        "",
         "| target | value | |",
         "|---|---|---|",
         f"| consumer ≥ {TARGETS['consumer_events_per_s']:,} events/s (best of 1 and 2 processes) | {_f(best)} | "
@@ -622,6 +651,15 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="events/s for the Spark latency run (default: half its availableNow rate, at most --rate)",
     )
+    ap.add_argument(
+        "--latency-window-seconds", type=float, default=30, help="p50/p99 are also reported per window this long"
+    )
+    ap.add_argument(
+        "--target",
+        type=json.loads,
+        default={},
+        help='JSON merged into every runner\'s "target" config, e.g. \'{"log_retention_minutes": null}\'',
+    )
     ap.add_argument("--train-rows", type=int, default=2_000_000)
     ap.add_argument(
         "--skip",
@@ -636,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     t_run = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="sluice-scoring-bench-"))
     now = _dt.datetime.now(_dt.UTC)
-    r: dict[str, Any] = {"events": args.events, "poison_fraction": args.poison_fraction}
+    r: dict[str, Any] = {"events": args.events, "poison_fraction": args.poison_fraction, "target": args.target}
     broker = KafkaBroker(free_port(), work / "kafka", jvm_opts=BROKER_JVM_OPTS)
     redis_proc, redis = start_redis(work)
     try:
@@ -689,6 +727,7 @@ def main(argv: list[str] | None = None) -> int:
                 target=work / key / "scores",
                 redis=redis,
                 pipeline=pipeline,
+                target_extra=args.target,
             )
             res = r[key.replace("consume", "consume_")] = run_consumers(cfg, n, work / key)
             log(f"(2) sluice consume x{n} (pipeline {pipeline}): {res['events_per_s']:,.0f} events/s")
@@ -707,6 +746,7 @@ def main(argv: list[str] | None = None) -> int:
                 # batch at a time (which falls behind at 10k/s on these 2 cores).
                 pipeline=True,
                 max_wait_ms=args.latency_max_wait_ms,
+                target_extra=args.target,
             )
             r["consume_latency"] = latency_run(
                 ["consume"],
@@ -720,6 +760,7 @@ def main(argv: list[str] | None = None) -> int:
                 warmup_seconds=args.latency_warmup_seconds,
                 seed=21,
                 ready_text="partitions assigned",
+                window_s=args.latency_window_seconds,
             )
             lat = r["consume_latency"]
             log(f"(3) consumer latency at {args.rate:,.0f}/s: topic p50/p99 {_pq(lat, 'topic_ms')} ms")
@@ -740,6 +781,7 @@ def main(argv: list[str] | None = None) -> int:
                 target=work / name / "scores",
                 redis=redis,
                 spark_master=master,
+                target_extra=args.target,
             )
             an = r["spark_available_now" if master is None else "spark_available_now_one_slot"] = (
                 run_spark_available_now(cfg, work, name)
@@ -762,6 +804,7 @@ def main(argv: list[str] | None = None) -> int:
                 model=model,
                 target=work / "spark-latency" / "scores",
                 redis=redis,
+                target_extra=args.target,
             )
             r["spark_trigger"] = "500 ms"
             r["spark_latency"] = latency_run(
@@ -776,6 +819,7 @@ def main(argv: list[str] | None = None) -> int:
                 warmup_seconds=args.latency_warmup_seconds,
                 seed=22,
                 ready_text="micro-batch published",
+                window_s=args.latency_window_seconds,
             )
             sl = r["spark_latency"]
             log(f"(5) spark latency at {rate:,.0f}/s: topic p50/p99 {_pq(sl, 'topic_ms')} ms")

@@ -6,11 +6,13 @@ Kafka splits the topic's partitions between them. Each micro-batch (bounded by
 (:mod:`transforms.score_requests`) and then, in this order, which is the exactly-once argument
 (DESIGN.md, invariant 2):
 
-1. **Delta** (scores and quarantine tables, via delta-rs): one append per table carrying a Delta
-   app transaction per source partition (``app_id`` = group/topic/partition, ``version`` = the
-   last offset of that partition in the batch). Rows at or below an offset the table already
-   recorded are dropped, so a replay after a crash, whatever its batch boundaries, writes nothing
-   twice.
+1. **Delta** (scores and quarantine tables, via delta-rs): an append carrying a Delta app
+   transaction per source partition (``app_id`` = group/topic/partition, ``version`` = the last
+   offset of that partition in the batch). Rows at or below an offset the table already recorded
+   are dropped, so a replay after a crash, whatever its batch boundaries, writes nothing twice.
+   Quarantined rows, when the batch has any, are appended first; the scores commit then records
+   the quarantine table's progress as well (``covers``), so a batch without quarantined rows costs
+   one Delta commit, not two, and a replay that quarantines a row the first run scored skips it.
 2. **Feast** online store: keyed upserts of the latest score per (user, ad); a replay rewrites the
    same values.
 3. **One Kafka transaction** holding the scores-topic messages, the dead letters and the
@@ -241,17 +243,25 @@ class ConsumerRunner:
             app_prefix=self._app_prefix(),
             partition_by=SCORES_PARTITION_COLUMNS,
             storage_options=cfg.target.storage_options,
+            table_properties=cfg.target.table_properties,
         )
         self._quarantine = OffsetTrackedDeltaSink(
             cfg.target.quarantine,
             SCORES_QUARANTINE_SCHEMA,
             app_prefix=self._app_prefix(),
             storage_options=cfg.target.storage_options,
+            table_properties=cfg.target.table_properties,
+            # A batch with no quarantined row (nearly all) records the quarantine's progress in the
+            # scores commit: one Delta commit per batch instead of two.
+            recorded_also_by=self._scores,
         )
         self._scores.ensure_table()
         self._quarantine.ensure_table()
         self._compactor = PartitionCompactor(
-            [cfg.target.uri, cfg.target.quarantine], cfg.target.storage_options, cfg.target.compact_every_s
+            [cfg.target.uri, cfg.target.quarantine],
+            cfg.target.storage_options,
+            cfg.target.compact_every_s,
+            every_commits=cfg.target.compact_every_commits,
         )
         if cfg.feast is not None and cfg.feast.enabled:
             from transforms.sinks.feast_scores import FeastScoresSink
@@ -572,10 +582,17 @@ class ConsumerRunner:
             out.produce_scores(outcome.scores)
             out.produce_dead_letters(outcome.dead_letters)
             clock.lap("kafka")
+            # Quarantined rows first: the scores commit then records the quarantine's progress too
+            # (``covers``), and a batch without any needs no quarantine commit at all.
+            if outcome.quarantined.num_rows:
+                self._quarantine.append(outcome.quarantined, through=through, metadata=meta)
             written = self._scores.append(
-                outcome.scores, through=through, metadata=meta, published=self._published_since_last_delta
+                outcome.scores,
+                through=through,
+                metadata=meta,
+                published=self._published_since_last_delta,
+                covers=self._quarantine,
             )
-            self._quarantine.append(outcome.quarantined, through=through, metadata=meta)
             if self._compactor is not None and outcome.scores.num_rows:
                 self._compactor.saw_rows(outcome.scores)
             clock.lap("delta")

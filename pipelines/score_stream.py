@@ -188,9 +188,14 @@ class _BatchPublisher:
             app_prefix=self.app,
             partition_by=SCORES_PARTITION_COLUMNS,
             storage_options=storage,
+            table_properties=cfg.target.table_properties,
         )
         self._quarantine = OffsetTrackedDeltaSink(
-            cfg.target.quarantine, SCORES_QUARANTINE_SCHEMA, app_prefix=self.app, storage_options=storage
+            cfg.target.quarantine,
+            SCORES_QUARANTINE_SCHEMA,
+            app_prefix=self.app,
+            storage_options=storage,
+            table_properties=cfg.target.table_properties,
         )
         self._scores.ensure_table()
         self._quarantine.ensure_table()
@@ -215,7 +220,10 @@ class _BatchPublisher:
         )
 
         self._compactor = PartitionCompactor(
-            [cfg.target.uri, cfg.target.quarantine], cfg.target.storage_options, cfg.target.compact_every_s
+            [cfg.target.uri, cfg.target.quarantine],
+            cfg.target.storage_options,
+            cfg.target.compact_every_s,
+            every_commits=cfg.target.compact_every_commits,
         )
 
     def close(self) -> None:

@@ -21,14 +21,13 @@ duplicated.
 Log health: every commit is one small JSON file in ``_delta_log``; delta-rs writes a checkpoint
 after every ``delta.checkpointInterval`` commits (100 unless the table says otherwise) in the
 committing process, so readers and :meth:`OffsetTrackedDeltaSink.refresh` replay at most that many
-JSON files, and expired log files (``delta.logRetentionDuration``, 30 days) are removed at
-checkpoint time. Small *data* files are expected (one per micro-batch and ``event_date``), and
-compacting them (OPTIMIZE) is the operator's job: :meth:`OffsetTrackedDeltaSink.compact`, run from
-another process, does not conflict with the consumers' appends (it rewrites files without data
-change, and leaves the app transactions alone). It matters for the writers too, not only for
-readers: delta-rs 1.6 keeps every active file in its table snapshot, and a commit costs about
-50 us per active file (measured: 11 ms at 100 files, 60 ms at 1,200), so a consumer writing one
-file per second per date should see its table compacted every hour or so.
+JSON files. Two costs still grow with a streaming table's age, on every commit of the writer itself
+(delta-rs 1.6, measured on a local disk): ~90 us per live data file (delta-rs keeps every live file
+in its snapshot: 9 ms at 100 files, 70 ms at 800) and ~12 us per file in ``_delta_log`` (it lists
+the whole directory to find the latest version). Small data files are compacted (OPTIMIZE; the
+runners do it after every N commits, :mod:`transforms.sinks.delta_compaction`; its commits do not
+conflict with the appends), and log files expire after ``delta.logRetentionDuration`` (30 days by
+default; the runners set a short one through ``table_properties``, removed at checkpoint time).
 
 The sink keeps one ``DeltaTable`` object: delta-rs advances it to each commit it makes, and a
 commit made while other writers moved the table on only reads *their* new log entries, so an append
@@ -137,6 +136,8 @@ class OffsetTrackedDeltaSink:
         app_prefix: str,
         partition_by: Sequence[str] = (),
         storage_options: dict[str, str] | None = None,
+        table_properties: Mapping[str, str] | None = None,
+        recorded_also_by: OffsetTrackedDeltaSink | None = None,
     ) -> None:
         if not app_prefix:
             raise ValueError("app_prefix must not be empty")
@@ -145,6 +146,13 @@ class OffsetTrackedDeltaSink:
         self.app_prefix = app_prefix
         self.partition_by = tuple(partition_by)
         self.storage_options = dict(storage_options) if storage_options else None
+        #: Delta table properties the writer needs (e.g. ``delta.logRetentionDuration``): set when
+        #: :meth:`ensure_table` creates the table, and set again on an existing table that differs.
+        self.table_properties = dict(table_properties or {})
+        #: A sink whose commits may record this sink's progress too (``append(covers=self)``): a
+        #: batch with no row for this table then needs no commit here. :meth:`recorded` is the
+        #: later of the two records.
+        self.recorded_also_by = recorded_also_by
         self._dt: DeltaTable | None = None
         # Offsets recorded per partition, as of table version ``_seen``: valid only for the snapshot
         # the next commit is checked against, so they are dropped whenever the snapshot moves past
@@ -153,6 +161,8 @@ class OffsetTrackedDeltaSink:
         # Offsets the writer says reached Kafka (its transaction committed): a consumer group that
         # lost its broker-side offsets resumes after these (see pipelines/consume.py).
         self._published: dict[TopicPartitionKey, int | None] = {}
+        # Progress this table records for other sinks it covers, by app id (see ``covers``).
+        self._marks: dict[str, int | None] = {}
         self._seen: int | None = None
 
     @classmethod
@@ -190,6 +200,7 @@ class OffsetTrackedDeltaSink:
                     mode="ignore",
                     partition_by=list(self.partition_by) or None,
                     storage_options=self.storage_options,
+                    configuration=self.table_properties or None,
                 )
             except Exception as exc:  # lost the creation race, or the path is unwritable
                 if not _exists(self.uri, self.storage_options):
@@ -206,7 +217,27 @@ class OffsetTrackedDeltaSink:
                 f"Delta table {self.uri} exists with an incompatible schema: {'; '.join(problems)}"
                 " (write to another path, or migrate the table)"
             )
+        self._reconcile_properties(dt)
         self._adopt(dt)
+
+    def _reconcile_properties(self, dt: DeltaTable) -> None:
+        """Bring an existing table's properties to :attr:`table_properties` (a metadata commit, only
+        when one differs: a table created by an older sluice or by hand, or a changed setting)."""
+        current = dt.metadata().configuration
+        changed = {k: v for k, v in self.table_properties.items() if current.get(k) != v}
+        if not changed:
+            return
+        try:
+            dt.alter.set_table_properties(changed, raise_if_not_exists=False)
+        except Exception as exc:
+            raise SinkError(
+                f"cannot set {', '.join(f'{k}={v!r}' for k, v in changed.items())} on Delta table {self.uri}: {exc}"
+            ) from exc
+        _log.info(
+            "set table properties of %s",
+            self.uri,
+            extra={"properties": changed, "was": {k: current.get(k) for k in changed}},
+        )
 
     @property
     def table(self) -> DeltaTable:
@@ -222,12 +253,27 @@ class OffsetTrackedDeltaSink:
         return app_id(self.app_prefix, topic, partition)
 
     def recorded(self, topic: str, partition: int) -> int | None:
-        """The last offset of ``topic[partition]`` the table records (None: none yet). Cached: read
-        from the log once, then kept up to date by this sink's own commits; :meth:`refresh` re-reads."""
+        """The last offset of ``topic[partition]`` the table records (None: none yet), or the one
+        :attr:`recorded_also_by` records for it, whichever is later. Cached: read from the log
+        once, then kept up to date by this sink's own commits; :meth:`refresh` re-reads."""
         key = (topic, int(partition))
         if key not in self._recorded:
             self._recorded[key] = self.version_of(self.app_id(*key))
-        return self._recorded[key]
+        own = self._recorded[key]
+        if self.recorded_also_by is None:
+            return own
+        other = self.recorded_also_by.mark(self.covered_app_id(*key))
+        return own if other is None else other if own is None else max(own, other)
+
+    def covered_app_id(self, topic: str, partition: int) -> str:
+        """The app id under which a covering sink records this sink's progress in *its* table."""
+        return app_id(f"{self.app_prefix}:covered", topic, partition)
+
+    def mark(self, app: str) -> int | None:
+        """The version this table records for another sink's app id (cached like :meth:`recorded`)."""
+        if app not in self._marks:
+            self._marks[app] = self.version_of(app)
+        return self._marks[app]
 
     def published_app_id(self, topic: str, partition: int) -> str:
         return app_id(f"{self.app_prefix}:kafka", topic, partition)
@@ -249,6 +295,9 @@ class OffsetTrackedDeltaSink:
         """Re-read these partitions' progress from the latest log (after a rebalance: another process
         may have written them since this one last did)."""
         self._update()
+        self._marks.clear()
+        if self.recorded_also_by is not None and self.recorded_also_by is not self:
+            self.recorded_also_by.refresh(partitions)
         for topic, partition in partitions:
             key = (topic, int(partition))
             self._recorded[key] = self.version_of(self.app_id(*key))
@@ -272,6 +321,7 @@ class OffsetTrackedDeltaSink:
         through: Mapping[tuple[str, int], int],
         metadata: Mapping[str, str] | None = None,
         published: Mapping[tuple[str, int], int] | None = None,
+        covers: OffsetTrackedDeltaSink | None = None,
     ) -> AppendResult:
         """Append the rows not written yet, and record ``through`` — in one commit.
 
@@ -282,7 +332,10 @@ class OffsetTrackedDeltaSink:
         nothing remains nothing is committed (``version`` None). ``metadata`` goes into the
         commit's info next to the offsets (:data:`THROUGH_KEY`). ``published`` (partition -> last
         offset whose Kafka outputs are committed) rides along as app transactions of
-        :meth:`published_app_id`, where ahead of what the table has.
+        :meth:`published_app_id`, where ahead of what the table has. ``covers``: a sink built with
+        ``recorded_also_by=self`` whose progress this commit records as ``through`` as well, so that
+        a batch with no row for it needs no commit of its own; give it only when that sink has
+        nothing of this batch left to write (its rows committed first, or none).
         """
         missing = [c for c in ("topic", "partition", "offset") if c not in self.schema.names]
         if missing:
@@ -299,10 +352,18 @@ class OffsetTrackedDeltaSink:
                 for (t, p), o in (published or {}).items()
                 if (done := self.published(t, p)) is None or o > done
             }
-            if kept.num_rows == 0 and not advance and not marks:
+            covered = {}
+            if covers is not None:
+                covered = {
+                    app: last
+                    for tp, last in through.items()
+                    if (done := self.mark(app := covers.covered_app_id(*tp))) is None or last > done
+                }
+            if kept.num_rows == 0 and not advance and not marks and not covered:
                 return AppendResult(rows_written=0, rows_skipped=skipped, version=None)
             txns = {self.app_id(*tp): last for tp, last in advance.items()}
             txns.update({self.published_app_id(*tp): last for tp, last in marks.items()})
+            txns.update(covered)
             try:
                 version = self._commit(kept, txns, through, metadata)
             except _Conflict as exc:
@@ -320,6 +381,7 @@ class OffsetTrackedDeltaSink:
                 self._recorded[tp] = last
             for tp, last in marks.items():
                 self._published[tp] = last
+            self._marks.update(covered)
             return AppendResult(rows_written=kept.num_rows, rows_skipped=skipped, version=version)
         raise AssertionError("unreachable")
 
@@ -469,6 +531,7 @@ class OffsetTrackedDeltaSink:
         self._seen = dt.version()
         self._recorded.clear()
         self._published.clear()
+        self._marks.clear()
 
     def _moved(self, version: int, *, own_commit: bool) -> None:
         """The sink's snapshot is now at ``version``. Cached records stay valid only if the only
@@ -479,6 +542,7 @@ class OffsetTrackedDeltaSink:
         if version != expected:
             self._recorded.clear()
             self._published.clear()
+            self._marks.clear()
         self._seen = version
 
     def _update(self) -> None:

@@ -423,3 +423,21 @@ def test_suite_spec_is_plain_data() -> None:
     assert norm.kwargs["max_value"] == pytest.approx(1.001)
     with pytest.raises(TypeError):
         norm.kwargs["min_value"] = 0  # type: ignore[index]
+
+
+def test_configurations_are_memoised_only_during_a_validation(validator: EmbeddingValidator) -> None:
+    from great_expectations.expectations.expectation import Expectation
+
+    runtime = _GxRuntime.get()
+    gx_property = Expectation.__dict__["configuration"]
+    expectation = validator._runner._expectations[0]
+    with runtime.lock, runtime.memoized_configurations():
+        first = expectation.configuration
+        assert expectation.configuration is first  # computed once
+    assert Expectation.__dict__["configuration"] is gx_property  # GX's own property is back
+    assert expectation.configuration is not first and expectation.configuration == first
+
+    rows = make_rows(40, seed=3)
+    _corrupt(rows, np.random.default_rng(7), allow_length=True)
+    assert_matches_oracle(validator.validate(to_batch(rows)), to_batch(rows), rows)
+    assert Expectation.__dict__["configuration"] is gx_property

@@ -76,3 +76,28 @@ def test_stop_waits_for_a_compaction_under_way(tmp_path: Path, monkeypatch: pyte
     assert compactor.stop() is True
     assert finished.is_set() and compactor.runs == 1
     assert sum(_files_per_date(uri).values()) == 2  # one file per date: the compaction committed
+
+
+def test_a_count_of_commits_triggers_a_compaction_without_waiting_for_the_timer(tmp_path: Path) -> None:
+    uri = tmp_path / "scores"
+    sink = sink_at(uri)
+    compactor = PartitionCompactor([str(uri)], {}, every_s=3600, every_commits=3)
+    try:
+        for k in range(2):
+            batch = scores(0, range(4 * k, 4 * k + 4))
+            sink.append(batch, through={(TOPIC, 0): 4 * k + 3})
+            compactor.saw_rows(batch)
+        time.sleep(0.5)
+        assert compactor.runs == 0  # two commits: not yet
+        batch = scores(0, range(8, 12))
+        sink.append(batch, through={(TOPIC, 0): 11})
+        compactor.saw_rows(batch)
+        deadline = time.monotonic() + 30
+        while compactor.runs == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        assert compactor.stop() is True
+
+    assert compactor.runs == 1
+    assert sorted(_files_per_date(uri).values()) == [1, 1]
+    assert positions(uri) == Counter({(0, o): 1 for o in range(12)})

@@ -10,6 +10,7 @@ refused with one line.
 from __future__ import annotations
 
 import multiprocessing as mp
+import time
 from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -358,3 +359,108 @@ def test_offsets_published_to_kafka_ride_along_and_are_read_back(tmp_path: Path)
     sink.refresh_published([(TOPIC, 0)])
     assert sink.published(TOPIC, 0) == 9
     assert positions(uri) == Counter({(0, o): 1 for o in range(10)})
+
+
+RETENTION = {"delta.logRetentionDuration": "interval 15 minutes"}
+
+
+def test_a_new_table_is_created_with_the_writers_table_properties(tmp_path: Path) -> None:
+    sink = OffsetTrackedDeltaSink(
+        str(tmp_path / "scores"), SCORES_SCHEMA, app_prefix=PREFIX, table_properties=RETENTION
+    )
+    sink.ensure_table()
+
+    dt = DeltaTable(str(tmp_path / "scores"))
+    assert dt.metadata().configuration == RETENTION and dt.version() == 0  # no extra commit
+
+
+def test_an_existing_table_gets_a_differing_property_set_once_and_keeps_its_rows(tmp_path: Path) -> None:
+    uri = tmp_path / "scores"
+    sink_at(uri).append(scores(0, range(4)), through={(TOPIC, 0): 3})  # created without properties
+    before = DeltaTable(str(uri)).version()
+
+    sink = OffsetTrackedDeltaSink(
+        str(uri), SCORES_SCHEMA, app_prefix=PREFIX, partition_by=SCORES_PARTITION_COLUMNS, table_properties=RETENTION
+    )
+    sink.ensure_table()
+    sink.ensure_table()  # already set: no second commit
+
+    dt = DeltaTable(str(uri))
+    assert dt.metadata().configuration == RETENTION and dt.version() == before + 1
+    assert sink.recorded(TOPIC, 0) == 3  # progress survives the metadata commit
+    assert sink.append(scores(0, range(2, 8)), through={(TOPIC, 0): 7}).rows_written == 4
+    assert positions(uri) == Counter({(0, o): 1 for o in range(8)})
+
+
+def test_a_short_log_retention_keeps_the_log_directory_bounded(tmp_path: Path) -> None:
+    """What the property is for: delta-rs lists the whole _delta_log on every commit, so the number
+    of log files, not only of data files, is what a long stream's commits pay for. Delta deletes
+    expired commits at a checkpoint, up to the checkpoint before it."""
+    uri = tmp_path / "quarantine"
+    sink = OffsetTrackedDeltaSink(
+        str(uri),
+        SCORES_SCHEMA,
+        app_prefix=PREFIX,
+        partition_by=SCORES_PARTITION_COLUMNS,
+        table_properties={"delta.logRetentionDuration": "interval 1 seconds"},
+    )
+    sink.ensure_table()
+    sink.append(scores(0, range(2)), through={(TOPIC, 0): 1})
+    for k in range(2, 206):  # progress-only commits, as the quarantine table gets every batch
+        if k == 102:
+            time.sleep(1.5)  # the first hundred commits are now older than the retention
+        sink.append(scores(0, []), through={(TOPIC, 0): k})
+
+    logs = sorted(p.name for p in (uri / "_delta_log").iterdir() if p.name.endswith(".json"))
+    assert len(logs) < 150 and logs[0] != f"{0:020}.json"  # the checkpoint at 199 dropped those before 99
+    assert sink.recorded(TOPIC, 0) == 205 and positions(uri) == Counter({(0, 0): 1, (0, 1): 1})
+    fresh = OffsetTrackedDeltaSink(str(uri), SCORES_SCHEMA, app_prefix=PREFIX)
+    assert fresh.version_of(sink.app_id(TOPIC, 0)) == 205  # progress lives in the checkpoint, not the old commits
+
+
+def _pair(tmp_path: Path) -> tuple[OffsetTrackedDeltaSink, OffsetTrackedDeltaSink]:
+    """A scores sink and a quarantine sink whose progress the scores commits may record."""
+    scores_sink = sink_at(tmp_path / "scores")
+    quarantine = OffsetTrackedDeltaSink(
+        str(tmp_path / "quarantine"), SCORES_QUARANTINE_SCHEMA, app_prefix=PREFIX, recorded_also_by=scores_sink
+    )
+    quarantine.ensure_table()
+    return scores_sink, quarantine
+
+
+def _quarantined(partition: int, offsets: range | list[int]) -> pa.Table:
+    rows = scores(partition, offsets)
+    n = rows.num_rows
+    return (
+        rows.append_column("check", pa.array(["score_finite"] * n))
+        .append_column("reason", pa.array(["score is nan"] * n))
+        .append_column("quarantined_at", rows["scored_at"])
+    )
+
+
+def test_a_scores_commit_that_covers_the_quarantine_spares_it_a_commit(tmp_path: Path) -> None:
+    scores_sink, quarantine = _pair(tmp_path)
+
+    scores_sink.append(scores(0, range(10)), through={(TOPIC, 0): 9}, covers=quarantine)
+
+    assert DeltaTable(str(tmp_path / "quarantine")).version() == 0  # nothing committed there
+    assert quarantine.recorded(TOPIC, 0) == 9
+    # A replay whose verdict flipped (rows the first run scored are now quarantined) writes nothing twice.
+    replay = quarantine.append(_quarantined(0, [3, 4, 12]), through={(TOPIC, 0): 12})
+    assert (replay.rows_written, replay.rows_skipped) == (1, 2)
+    assert positions(tmp_path / "quarantine") == Counter({(0, 12): 1})
+
+
+def test_the_covering_record_survives_a_restart_and_the_later_record_wins(tmp_path: Path) -> None:
+    scores_sink, quarantine = _pair(tmp_path)
+    quarantine.append(_quarantined(0, [2]), through={(TOPIC, 0): 4})
+    scores_sink.append(scores(0, [0, 1, 3, 4]), through={(TOPIC, 0): 4}, covers=quarantine)
+    scores_sink.append(scores(0, range(5, 10)), through={(TOPIC, 0): 9}, covers=quarantine)
+
+    restarted_scores, restarted = _pair(tmp_path)
+    assert restarted.recorded(TOPIC, 0) == 9  # the scores table's mark, later than the quarantine's own 4
+    assert restarted.append(_quarantined(0, [2, 7]), through={(TOPIC, 0): 9}).rows_written == 0
+    assert restarted.append(_quarantined(0, [11]), through={(TOPIC, 0): 11}).rows_written == 1
+    assert restarted.recorded(TOPIC, 0) == 11  # its own record, now the later one
+    assert restarted_scores.mark(restarted.covered_app_id(TOPIC, 0)) == 9
+    assert positions(tmp_path / "quarantine") == Counter({(0, 2): 1, (0, 11): 1})
