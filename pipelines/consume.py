@@ -262,6 +262,8 @@ class ConsumerRunner:
             cfg.target.storage_options,
             cfg.target.compact_every_s,
             every_commits=cfg.target.compact_every_commits,
+            small_file_bytes=cfg.target.compact_small_file_mb << 20,
+            vacuum_retention_hours=cfg.target.vacuum_retention_hours,
         )
         if cfg.feast is not None and cfg.feast.enabled:
             from transforms.sinks.feast_scores import FeastScoresSink

@@ -224,6 +224,8 @@ class _BatchPublisher:
             cfg.target.storage_options,
             cfg.target.compact_every_s,
             every_commits=cfg.target.compact_every_commits,
+            small_file_bytes=cfg.target.compact_small_file_mb << 20,
+            vacuum_retention_hours=cfg.target.vacuum_retention_hours,
         )
 
     def close(self) -> None:

@@ -23,7 +23,7 @@ def test_a_typo_is_refused() -> None:
 
 
 def test_the_scores_tables_get_a_short_log_retention_unless_told_otherwise() -> None:
-    assert ScoreTargetConfig(uri="/t").table_properties == {"delta.logRetentionDuration": "interval 15 minutes"}
+    assert ScoreTargetConfig(uri="/t").table_properties == {"delta.logRetentionDuration": "interval 5 minutes"}
     assert ScoreTargetConfig(uri="/t", log_retention_minutes=240).table_properties == {
         "delta.logRetentionDuration": "interval 240 minutes"
     }
@@ -34,4 +34,5 @@ def test_the_scores_tables_get_a_short_log_retention_unless_told_otherwise() -> 
 
 def test_compaction_is_triggered_by_commits_as_well_as_by_time_by_default() -> None:
     cfg = ScoreTargetConfig(uri="/t")
-    assert (cfg.compact_every_s, cfg.compact_every_commits) == (600.0, 100)
+    assert (cfg.compact_every_s, cfg.compact_every_commits, cfg.compact_small_file_mb) == (600.0, 100, 4)
+    assert cfg.vacuum_retention_hours is None  # deleting replaced files is opt-in

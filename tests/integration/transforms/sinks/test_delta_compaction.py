@@ -6,6 +6,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -13,6 +14,7 @@ from deltalake import DeltaTable
 
 from tests.integration.transforms.sinks.test_delta_offsets import TOPIC, positions, scores, sink_at
 from transforms.sinks.delta_compaction import PartitionCompactor
+from transforms.sinks.delta_offsets import OffsetTrackedDeltaSink
 
 
 def _files_per_date(uri: Path) -> Counter[str]:
@@ -62,10 +64,10 @@ def test_stop_waits_for_a_compaction_under_way(tmp_path: Path, monkeypatch: pyte
     started, finished = threading.Event(), threading.Event()
     real_run_once = PartitionCompactor.run_once
 
-    def slow_run_once(self: PartitionCompactor) -> None:
+    def slow_run_once(self: PartitionCompactor, **kwargs: Any) -> None:
         started.set()
         time.sleep(0.5)  # a compaction long enough for stop() to arrive in the middle of it
-        real_run_once(self)
+        real_run_once(self, **kwargs)
         finished.set()
 
     monkeypatch.setattr(PartitionCompactor, "run_once", slow_run_once)
@@ -101,3 +103,58 @@ def test_a_count_of_commits_triggers_a_compaction_without_waiting_for_the_timer(
     assert compactor.runs == 1
     assert sorted(_files_per_date(uri).values()) == [1, 1]
     assert positions(uri) == Counter({(0, o): 1 for o in range(12)})
+
+
+DATES = {"2026-03-01", "2026-03-02"}  # every batch of scores() straddles this midnight
+
+
+def _append(sink: OffsetTrackedDeltaSink, batches: range, size: int) -> None:
+    """Append batches number ``batches`` of ``size`` consecutive offsets of partition 0."""
+    for k in batches:
+        sink.append(scores(0, range(size * k, size * (k + 1))), through={(TOPIC, 0): size * (k + 1) - 1})
+
+
+def _sizes(uri: Path) -> list[int]:
+    return sorted(pa.table(DeltaTable(str(uri)).get_add_actions(flatten=True)).column("size_bytes").to_pylist())
+
+
+def test_a_compaction_by_count_leaves_files_above_its_small_file_size_alone(tmp_path: Path) -> None:
+    uri = tmp_path / "scores"
+    sink = sink_at(uri)
+    _append(sink, range(40), 100)
+    compactor = PartitionCompactor([str(uri)], {}, every_s=0)
+    compactor.saw(DATES)
+    compactor.run_once()  # the default target: everything merges, one file per date
+    merged = _sizes(uri)
+    assert len(merged) == 2
+    _append(sink, range(40, 43), 100)
+    new_files = [size for size in _sizes(uri) if size not in merged]
+    assert sum(new_files) / 2 < min(merged)  # per date, a bin of all the new files fits below the target
+
+    compactor.saw(DATES)
+    compactor.run_once(target_size=min(merged))
+
+    after = _sizes(uri)
+    assert merged[0] in after and merged[1] in after  # not rewritten
+    assert len(after) == 4  # plus one file per date for the three new appends
+    assert positions(uri) == Counter({(0, o): 1 for o in range(4300)})
+
+
+def test_a_timed_run_vacuums_replaced_files_only_when_asked(tmp_path: Path) -> None:
+    uri = tmp_path / "scores"
+    sink = sink_at(uri)
+    _append(sink, range(3), 4)
+    on_disk = lambda: len(list(uri.rglob("*.parquet")))  # noqa: E731
+    assert on_disk() == 6
+    keeping = PartitionCompactor([str(uri)], {}, every_s=0)  # no retention set: nothing deleted
+    keeping.saw(DATES)
+    keeping.run_once(vacuum=True)
+    assert on_disk() == 8
+
+    sink.append(scores(0, range(12, 16)), through={(TOPIC, 0): 15})
+    vacuuming = PartitionCompactor([str(uri)], {}, every_s=0, vacuum_retention_hours=0)
+    vacuuming.saw(DATES)
+    vacuuming.run_once(vacuum=True)
+
+    assert on_disk() == 2 == len(_sizes(uri))  # only the live files are left
+    assert positions(uri) == Counter({(0, o): 1 for o in range(16)})
