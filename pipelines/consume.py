@@ -257,14 +257,7 @@ class ConsumerRunner:
         )
         self._scores.ensure_table()
         self._quarantine.ensure_table()
-        self._compactor = PartitionCompactor(
-            [cfg.target.uri, cfg.target.quarantine],
-            cfg.target.storage_options,
-            cfg.target.compact_every_s,
-            every_commits=cfg.target.compact_every_commits,
-            small_file_bytes=cfg.target.compact_small_file_mb << 20,
-            vacuum_retention_hours=cfg.target.vacuum_retention_hours,
-        )
+        self._compactor = cfg.target.compactor()
         if cfg.feast is not None and cfg.feast.enabled:
             from transforms.sinks.feast_scores import FeastScoresSink
 

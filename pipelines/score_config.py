@@ -16,6 +16,7 @@ from pipelines.config import SparkConfig, _absolute_uri, _Strict
 from schemas.expectations import DEFAULT_MEAN_RATIO_BOUNDS
 from schemas.scores import dlq_topic
 from transforms.score_validation import DEFAULT_MIN_ROWS_FOR_MEAN
+from transforms.sinks.delta_compaction import PartitionCompactor
 from transforms.sinks.feast_online import FeastConfig
 
 
@@ -104,8 +105,9 @@ class ScoreTargetConfig(_Strict):
         None,
         ge=0,
         description="the timed compaction also deletes files replaced more than this long ago (VACUUM). "
-        "null: never (Delta's own retention is 7 days; then VACUUM yourself: at 10k events/s the "
-        "compactions replace a few GB a day). Readers of older snapshots must finish within it",
+        "null: never (Delta's own retention is 7 days; then VACUUM yourself: at 10k events/s with a commit "
+        "every ~0.15 s the compactions replace an estimated 20-30 GB a day). Readers of older snapshots "
+        "must finish within it",
     )
     log_retention_minutes: int | None = Field(
         5,
@@ -117,9 +119,19 @@ class ScoreTargetConfig(_Strict):
         "(measured: +12 ms per 1,000 commits; at 10k events/s the consumer's p50 latency rose from 0.19 to "
         "0.35 s over 10 minutes with 15 minutes of log, and stayed at ~0.21 s with 2). The tables are "
         "append-only: time travel shows nothing a filter on scored_at does not; Delta stream readers of "
-        "them must not fall further behind than "
-        "this. null: leave the table's own setting",
+        "them must not fall further behind than this. null: leave the table's own setting",
     )
+
+    def compactor(self) -> PartitionCompactor:
+        """The background compaction both runners run over the scores and quarantine tables."""
+        return PartitionCompactor(
+            [self.uri, self.quarantine],
+            self.storage_options,
+            self.compact_every_s,
+            every_commits=self.compact_every_commits,
+            small_file_bytes=self.compact_small_file_mb << 20,
+            vacuum_retention_hours=self.vacuum_retention_hours,
+        )
 
     @property
     def table_properties(self) -> dict[str, str]:

@@ -219,14 +219,7 @@ class _BatchPublisher:
             transaction_timeout_s=k.transaction_timeout_s,
         )
 
-        self._compactor = PartitionCompactor(
-            [cfg.target.uri, cfg.target.quarantine],
-            cfg.target.storage_options,
-            cfg.target.compact_every_s,
-            every_commits=cfg.target.compact_every_commits,
-            small_file_bytes=cfg.target.compact_small_file_mb << 20,
-            vacuum_retention_hours=cfg.target.vacuum_retention_hours,
-        )
+        self._compactor = cfg.target.compactor()
 
     def close(self) -> None:
         if self._compactor is not None:
