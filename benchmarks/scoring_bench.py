@@ -9,10 +9,14 @@ One run, on one machine, against one real broker (Apache Kafka, KRaft) and one r
     from the first record read to the last batch committed;
 (3) the consumer's end-to-end latency at a steady --rate (default 10k events/s): event_time (set to
     the wall clock when each request is produced) -> the score visible on the scores topic
-    (read_committed) and -> the row's Delta file written (its add action's modification time,
-    which precedes the commit by milliseconds), p50/p95/p99/max over --latency-seconds after a
+    (read_committed) and -> the row visible in Delta (the commit adding its first file read by a
+    poller of the table's log, within ~5 ms), p50/p95/p99/max over --latency-seconds after a
     --latency-warmup-seconds warm-up at the same rate (reported apart), with the consumer's
-    ``batching.max_wait_ms`` at --latency-max-wait-ms;
+    ``batching.max_wait_ms`` at --latency-max-wait-ms. The load generator and the scores-topic
+    reader run in this process: its heap is frozen and the latencies kept in arrays, because its
+    own garbage collections (walking millions of latency tuples) stalled the reader by ~0.4 s every
+    ~40 s in earlier runs, which counted as latency (``bench_gc_pauses_ms`` reports any left; the
+    broker's own pauses are in ``meta.broker_gc_pauses_ms``);
 (4) ``sluice score-stream --engine spark --trigger availableNow`` over the pre-filled topic:
     events/s over its micro-batches (JVM start excluded: the session's start-up is before the first
     batch), on the stream's default local master (two task slots per core), then (4') on one slot
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gc
 import json
 import os
 import platform
@@ -41,7 +46,9 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -327,6 +334,10 @@ def produce_now(bootstrap: str, topic: str, *, rate: float, seconds: float, seed
         values.extend(codec.encode_batch(stamped))
     if any(v.count(_STAMP_PLACEHOLDER) != 1 for v in values):
         raise SystemExit("produce_now: the event_time placeholder is not exactly once in every encoded request")
+    # This process also runs the scores-topic reader, whose arrival stamps are the latencies: a full
+    # collection walking what was built so far would stall both (pipelines/heap.py).
+    gc.collect()
+    gc.freeze()
 
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True})
     sent = 0
@@ -342,7 +353,43 @@ def produce_now(bootstrap: str, topic: str, *, rate: float, seconds: float, seed
         if wait > 0:
             time.sleep(wait)
     producer.flush(30)
+    gc.unfreeze()
     return sent, started_ms
+
+
+def jvm_pauses(gc_log: Path) -> dict[str, float | int]:
+    """The broker's stop-the-world pauses (its -Xlog:gc lines end in the pause's ms): a long one
+    stalls every runner and reader at once, and shows as latency."""
+    import re
+
+    if not gc_log.exists():
+        return {}
+    ms = [float(m.group(1)) for m in re.finditer(r"Pause.* ([0-9.]+)ms$", gc_log.read_text(), re.M)]
+    return {"count": len(ms), "over_50": sum(1 for x in ms if x > 50), "max": max(ms, default=0.0)}
+
+
+class GcPauses:
+    """Collections in this process longer than 20 ms while the block runs (gc.callbacks)."""
+
+    def __init__(self) -> None:
+        self.pauses_ms: list[float] = []
+        self._started = 0.0
+
+    def _callback(self, phase: str, _info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif (ms := 1000 * (time.perf_counter() - self._started)) > 20:
+            self.pauses_ms.append(ms)
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict[str, float | int]:
+        return {"count": len(self.pauses_ms), "max": round(max(self.pauses_ms, default=0.0), 1)}
 
 
 class TopicTail:
@@ -368,8 +415,10 @@ class TopicTail:
         # The client serialises calls across threads: learn of the assignment from its callback,
         # not by calling assignment() while the reading thread is inside consume().
         self.consumer.subscribe([topic], on_assign=lambda _c, _p: self.assigned.set())
-        #: (event_time ms, latency ms) of every score read
-        self.latencies_ms: list[tuple[float, float]] = []
+        #: event_time (ms) and latency (ms) of every score read: arrays, not a list of millions of
+        #: tuples for the collector to walk while it stamps arrivals
+        self.event_ms = array("d")
+        self.latency_ms = array("d")
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -387,30 +436,75 @@ class TopicTail:
                     continue
                 event = _dt.datetime.fromisoformat(orjson.loads(value)["event_time"].replace("Z", "+00:00"))
                 event_ms = event.timestamp() * 1000
-                self.latencies_ms.append((event_ms, arrived - event_ms))
+                self.event_ms.append(event_ms)
+                self.latency_ms.append(arrived - event_ms)
 
     def close(self) -> list[tuple[float, float]]:
         self.stop.set()
         self.thread.join(timeout=10)
         self.consumer.close()
-        return self.latencies_ms
+        return list(zip(self.event_ms, self.latency_ms, strict=True))
 
 
-def delta_latencies(uri: str, since_ms: int) -> list[tuple[float, float]]:
-    """Per row produced after ``since_ms``: (event_time ms, the write time of the first data file
-    that held it minus its event_time).
+class DeltaTail:
+    """When each data file of a Delta table became visible: the wall clock at which this poller
+    first read the commit that adds it.
+
+    It waits for the next commit file (``_delta_log/<version>.json``: delta-rs publishes it whole,
+    by an atomic rename) with one stat every 5 ms, so it reads each commit within ~5 ms of it
+    landing, without listing the log directory (which holds thousands of files in a long run).
+    A data file's own write time would precede its commit by the commit's duration (~25 ms here,
+    more while a compaction commits alongside).
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.log_dir = Path(uri) / "_delta_log"
+        versions = [int(p.name.split(".")[0]) for p in self.log_dir.glob("*.json") if p.name[:20].isdigit()]
+        self.next_version = max(versions, default=-1) + 1
+        #: data file path (relative to the table) -> epoch ms its commit was first read
+        self.visible_ms: dict[str, float] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                text = (self.log_dir / f"{self.next_version:020}.json").read_text()
+            except FileNotFoundError:
+                time.sleep(0.005)
+                continue
+            seen = time.time() * 1000
+            for line in text.splitlines():
+                add = orjson.loads(line).get("add")
+                if add is not None:
+                    self.visible_ms[urllib.parse.unquote(add["path"])] = seen
+            self.next_version += 1
+
+    def close(self) -> dict[str, float]:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        return self.visible_ms
+
+
+def delta_latencies(uri: str, since_ms: int, visible_ms: dict[str, float]) -> list[tuple[float, float]]:
+    """Per row produced after ``since_ms``: (event_time ms, when the first data file that held it
+    became visible (``visible_ms``, from :class:`DeltaTail`) minus its event_time).
 
     Every parquet file under the table counts, also those a compaction has since replaced (nothing
     vacuums during a run): a row's first file is the one its append committed, while a compacted
-    file's write time is the compaction's. Rows are told apart by (partition, offset).
+    file became visible with the compaction. Rows are told apart by (partition, offset). A file
+    whose commit the tail did not read counts from its write time (none expected: the tail starts
+    before the first measured event is produced).
     """
     import pyarrow.parquet as pq
 
-    first: dict[tuple[int, int], tuple[float, int]] = {}  # (partition, offset) -> (written ms, event ms)
-    for path in Path(uri).rglob("*.parquet"):
+    root = Path(uri)
+    first: dict[tuple[int, int], tuple[float, int]] = {}  # (partition, offset) -> (visible ms, event ms)
+    for path in root.rglob("*.parquet"):
         if "_delta_log" in path.parts:
             continue
-        written_ms = path.stat().st_mtime * 1000
+        written_ms = visible_ms.get(str(path.relative_to(root)), path.stat().st_mtime * 1000)
         t = pq.read_table(path, columns=["partition", "offset", "event_time"])
         events = pc.cast(pc.cast(t.column("event_time"), pa.timestamp("ms", tz="UTC")), pa.int64()).to_numpy()
         keys = zip(t.column("partition").to_pylist(), t.column("offset").to_pylist(), strict=True)
@@ -445,6 +539,12 @@ def percentiles(values: list[float]) -> dict[str, float | int | None]:
         "p99": float(np.percentile(a, 99)),
         "max": float(a.max()),
     }
+
+
+def _drain(stream: Any, path: Path) -> None:
+    with path.open("w") as f:
+        for line in stream:
+            f.write(line)
 
 
 def latency_run(
@@ -482,15 +582,20 @@ def latency_run(
             raise SystemExit("the runner ended before it was ready")
         if ready_text in line:
             break
-    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    # The rest of the runner's log goes to the work directory (kept with --keep): a slow window
+    # is explained by its batches' step times (SLUICE_LOG_LEVEL=DEBUG) and compaction runs.
+    log_path = target.parent / "runner.log"
+    threading.Thread(target=_drain, args=(proc.stderr, log_path), daemon=True).start()
     time.sleep(3)  # let the first (empty) polls settle
     tail = TopicTail(bootstrap, scores_topic)
+    delta_tail = DeltaTail(str(target))
     since = int(time.time() * 1000)
-    sent, started_ms = produce_now(bootstrap, topic, rate=rate, seconds=warmup_seconds + seconds, seed=seed)
+    with GcPauses() as own_pauses:
+        sent, started_ms = produce_now(bootstrap, topic, rate=rate, seconds=warmup_seconds + seconds, seed=seed)
     measured_from = started_ms + int(warmup_seconds * 1000)
     time.sleep(5)
     topic_lat = tail.close()
-    delta_lat = delta_latencies(str(target), since)
+    delta_lat = delta_latencies(str(target), since, delta_tail.close())
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=120)
@@ -514,6 +619,8 @@ def latency_run(
         "window_s": window_s,
         "topic_windows_ms": windows(topic_lat, measured_from, window_s),
         "warmup_topic_ms": percentiles([ms for at, ms in topic_lat if at < measured_from]),
+        # Stalls of the load generator and reader themselves (they would count as latency).
+        "bench_gc_pauses_ms": own_pauses.summary(),
         "warmup_delta_ms": percentiles([ms for at, ms in delta_lat if at < measured_from]),
     }
 
@@ -632,7 +739,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", type=int, default=300_000, help="pre-filled events for the throughput runs")
     ap.add_argument("--poison-fraction", type=float, default=0.01)
     ap.add_argument("--rate", type=float, default=10_000, help="events/s for the consumer latency run")
-    ap.add_argument("--latency-seconds", type=float, default=30)
+    ap.add_argument(
+        "--latency-seconds",
+        type=float,
+        default=300,
+        help="measured seconds per latency run: long enough for costs that grow with the tables' age to show",
+    )
     ap.add_argument(
         "--latency-warmup-seconds",
         type=float,
@@ -652,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
         help="events/s for the Spark latency run (default: half its availableNow rate, at most --rate)",
     )
     ap.add_argument(
-        "--latency-window-seconds", type=float, default=30, help="p50/p99 are also reported per window this long"
+        "--latency-window-seconds", type=float, default=60, help="p50/p99 are also reported per window this long"
     )
     ap.add_argument(
         "--target",
@@ -675,7 +787,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="sluice-scoring-bench-"))
     now = _dt.datetime.now(_dt.UTC)
     r: dict[str, Any] = {"events": args.events, "poison_fraction": args.poison_fraction, "target": args.target}
-    broker = KafkaBroker(free_port(), work / "kafka", jvm_opts=BROKER_JVM_OPTS)
+    broker_gc_log = work / "kafka-gc.log"
+    broker = KafkaBroker(
+        free_port(), work / "kafka", jvm_opts=(*BROKER_JVM_OPTS, f"-Xlog:gc:file={broker_gc_log}:uptime")
+    )
     redis_proc, redis = start_redis(work)
     try:
         broker.start()
@@ -827,6 +942,7 @@ def main(argv: list[str] | None = None) -> int:
         broker.stop()
         redis_proc.terminate()
     r["meta"]["load_end"] = os.getloadavg()[0]
+    r["meta"]["broker_gc_pauses_ms"] = jvm_pauses(broker_gc_log)
     r["meta"]["bench_seconds"] = time.perf_counter() - t_run
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
