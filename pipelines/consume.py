@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from pipelines import heap
 from pipelines.score_config import ScoreConfig
 from pipelines.step_times import StepClock
 from schemas.scores import (
@@ -244,6 +245,7 @@ class ConsumerRunner:
             partition_by=SCORES_PARTITION_COLUMNS,
             storage_options=cfg.target.storage_options,
             table_properties=cfg.target.table_properties,
+            checkpoints=cfg.target.checkpoints,
         )
         self._quarantine = OffsetTrackedDeltaSink(
             cfg.target.quarantine,
@@ -251,6 +253,7 @@ class ConsumerRunner:
             app_prefix=self._app_prefix(),
             storage_options=cfg.target.storage_options,
             table_properties=cfg.target.table_properties,
+            checkpoints=cfg.target.checkpoints,
             # A batch with no quarantined row (nearly all) records the quarantine's progress in the
             # scores commit: one Delta commit per batch instead of two.
             recorded_also_by=self._scores,
@@ -642,6 +645,8 @@ class ConsumerRunner:
         """Consume until SIGTERM/SIGINT (or ``max_records`` records, or ``idle_exit_s`` without any)."""
         t0 = time.monotonic()
         self._open()
+        heap.freeze(collect=True)
+        heap_frozen_again = False
         assert self._consumer is not None and self._kafka_out is not None
         last_data = time.monotonic()
         reporter = _Reporter(self) if self.progress else None
@@ -654,6 +659,9 @@ class ConsumerRunner:
                     batch, self._buffer = self._buffer, []
                     self._hand_over(self._score(batch))
                     last_data = time.monotonic()
+                    if not heap_frozen_again and self.summary.batches:
+                        heap.freeze(collect=False)  # what the first batch built lazily (heap.py)
+                        heap_frozen_again = True
                     if reporter:
                         reporter.update()
                 elif self._pending is not None and self._pending.done():
@@ -701,6 +709,7 @@ class ConsumerRunner:
             self._publisher = None
 
     def _close(self) -> None:
+        heap.unfreeze()
         if self._compactor is not None:
             self._compactor.stop()
             self.summary.compactions = self._compactor.runs

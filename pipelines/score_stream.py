@@ -189,6 +189,7 @@ class _BatchPublisher:
             partition_by=SCORES_PARTITION_COLUMNS,
             storage_options=storage,
             table_properties=cfg.target.table_properties,
+            checkpoints=cfg.target.checkpoints,
         )
         self._quarantine = OffsetTrackedDeltaSink(
             cfg.target.quarantine,
@@ -196,6 +197,7 @@ class _BatchPublisher:
             app_prefix=self.app,
             storage_options=storage,
             table_properties=cfg.target.table_properties,
+            checkpoints=cfg.target.checkpoints,
         )
         self._scores.ensure_table()
         self._quarantine.ensure_table()
@@ -217,6 +219,7 @@ class _BatchPublisher:
             client_config=k.client,
             storage_options=cfg.target.storage_options,
             transaction_timeout_s=k.transaction_timeout_s,
+            ledger_checkpoints=cfg.target.checkpoints,
         )
 
         self._compactor = cfg.target.compactor()

@@ -8,6 +8,7 @@ import threading
 import pyarrow as pa
 
 from schemas.scores import SCORES_PARTITION_COLUMNS
+from transforms.sinks.delta_maintenance import MaintenanceProcess, TableJob, run_table_job
 
 log = logging.getLogger("sluice.delta_compaction")
 
@@ -44,6 +45,8 @@ class PartitionCompactor:
         every_commits: int = 0,
         small_file_bytes: int = 4 << 20,
         vacuum_retention_hours: int | None = None,
+        checkpoints: bool = False,
+        nice: int | None = None,
     ) -> None:
         self.uris = uris
         self.storage_options = storage_options or None
@@ -51,6 +54,12 @@ class PartitionCompactor:
         self.every_commits = every_commits
         self.small_file_bytes = small_file_bytes
         self.vacuum_retention_hours = vacuum_retention_hours
+        #: Also checkpoint each table and clean its expired log after every run (for writers whose
+        #: commits skip that): needs ``every_commits``, so the log never runs far past a checkpoint.
+        self.checkpoints = checkpoints
+        self._checkpointed: dict[str, int] = {}  # uri -> version of this compactor's last checkpoint
+        #: With ``nice``, the work runs in a child process at that niceness (delta_maintenance).
+        self._process = MaintenanceProcess(nice) if nice is not None else None
         self.dates: set[str] = set()
         self.lock = threading.Lock()
         self.runs = 0
@@ -87,33 +96,48 @@ class PartitionCompactor:
 
     def run_once(self, *, target_size: int | None = None, vacuum: bool = False) -> None:
         """Compact the reported dates: files below ``target_size`` (delta-rs's default when None);
-        with ``vacuum``, then delete files replaced more than ``vacuum_retention_hours`` ago."""
-        from deltalake import DeltaTable
-
+        then checkpoint (if ``checkpoints``); with ``vacuum``, then delete files replaced more than
+        ``vacuum_retention_hours`` ago. In the maintenance process when there is one."""
         with self.lock:
             dates, self.dates = sorted(self.dates), set()
             self._commits = 0
         for uri in self.uris:
+            job = TableJob(
+                uri=uri,
+                storage_options=self.storage_options,
+                # A partitioned table with no date reported had nothing written since the last run.
+                dates=dates,
+                partition_column=PARTITION_COLUMN,
+                target_size=target_size,
+                checkpoint=self.checkpoints,
+                checkpointed_version=self._checkpointed.get(uri),
+                vacuum_retention_hours=self.vacuum_retention_hours if vacuum else None,
+            )
             try:
-                dt = DeltaTable(uri, storage_options=self.storage_options)
-                filters = (
-                    [(PARTITION_COLUMN, "in", dates)]
-                    if dates and PARTITION_COLUMN in dt.metadata().partition_columns
-                    else None
-                )
-                if filters is None and PARTITION_COLUMN in dt.metadata().partition_columns:
-                    continue  # nothing written there since the last run
-                metrics = dt.optimize.compact(partition_filters=filters, target_size=target_size)
-                log.info("compacted %s", uri, extra={"dates": dates, "target_size": target_size, "metrics": metrics})
-                if vacuum and self.vacuum_retention_hours is not None:
-                    # The table's retention (7 days unless set) is what readers of old snapshots
-                    # rely on; the user chose a shorter one explicitly.
-                    deleted = dt.vacuum(
-                        retention_hours=self.vacuum_retention_hours, enforce_retention_duration=False, dry_run=False
-                    )
-                    log.info("vacuumed %s", uri, extra={"files_deleted": len(deleted)})
+                done = self._process.run(job) if self._process is not None else run_table_job(job)
             except Exception as exc:  # maintenance must never take the stream down
-                log.warning("compaction of %s failed (will retry): %s", uri, exc)
+                log.warning("maintenance of %s failed (will retry): %s", uri, exc)
+                continue
+            if done.compacted is not None:
+                log.info(
+                    "compacted %s",
+                    uri,
+                    extra={
+                        "dates": dates,
+                        "target_size": target_size,
+                        "seconds": done.compact_seconds,
+                        "metrics": done.compacted,
+                    },
+                )
+            if done.checkpointed_version is not None:
+                self._checkpointed[uri] = done.checkpointed_version
+                log.info(
+                    "checkpointed %s",
+                    uri,
+                    extra={"version": done.checkpointed_version, "seconds": done.checkpoint_seconds},
+                )
+            if done.vacuumed_files is not None:
+                log.info("vacuumed %s", uri, extra={"files_deleted": done.vacuumed_files})
         self.runs += 1
 
     def stop(self, timeout_s: float = 120.0) -> bool:
@@ -122,14 +146,19 @@ class PartitionCompactor:
         Waiting matters: the thread is a daemon, and one still inside delta-rs when the interpreter
         shuts down can take the process down with SIGSEGV (seen in CI: a clean SIGTERM drain exiting
         -11 because a compaction had just started). An unfinished compaction loses nothing (its
-        commit is atomic), so after ``timeout_s`` the caller goes on, with a warning.
+        commit is atomic), so after ``timeout_s`` the caller goes on, with a warning; a maintenance
+        process is then killed.
         """
         self._stop.set()
         self._due.set()  # wake the loop
-        if not self._thread.is_alive():
-            return True
-        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
         if self._thread.is_alive():
             log.warning("a compaction is still running after %.0f s; stopping without waiting for it", timeout_s)
-            return False
+            if self._process is not None:
+                self._process.close(kill=True)  # the thread's wait for it ends with it
+                self._thread.join(10)
+            return not self._thread.is_alive()
+        if self._process is not None:
+            self._process.close()
         return True

@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 
@@ -77,8 +77,10 @@ class LedgeredKafkaPublisher:
         client_config: dict[str, str] | None = None,
         storage_options: dict[str, str] | None = None,
         transaction_timeout_s: float = 60.0,
+        ledger_checkpoints: Literal["on_commit", "by_maintenance"] = "on_commit",
     ) -> None:
         self.bootstrap = bootstrap
+        self.ledger_checkpoints = ledger_checkpoints
         self.topics = (scores_topic, dlq_topic)
         self.ledger_uri = ledger_uri
         self.ledger_app_id = ledger_app_id
@@ -150,7 +152,10 @@ class LedgeredKafkaPublisher:
         # Opened on first use, so a publisher can be built before the table it records on exists.
         if self._ledger is None:
             self._ledger = OffsetTrackedDeltaSink.for_existing_table(
-                self.ledger_uri, app_prefix=self.ledger_app_id, storage_options=self.storage_options
+                self.ledger_uri,
+                app_prefix=self.ledger_app_id,
+                storage_options=self.storage_options,
+                checkpoints=self.ledger_checkpoints,
             )
         return self._ledger
 

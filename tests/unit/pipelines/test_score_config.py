@@ -22,14 +22,29 @@ def test_a_typo_is_refused() -> None:
         StreamSparkConfig.model_validate({"local_task_slot_per_core": 2})
 
 
-def test_the_scores_tables_get_a_short_log_retention_unless_told_otherwise() -> None:
-    assert ScoreTargetConfig(uri="/t").table_properties == {"delta.logRetentionDuration": "interval 5 minutes"}
-    assert ScoreTargetConfig(uri="/t", log_retention_minutes=240).table_properties == {
-        "delta.logRetentionDuration": "interval 240 minutes"
+def test_the_scores_tables_get_short_log_and_tombstone_retentions_unless_told_otherwise() -> None:
+    # "interval N minutes" exactly: delta-rs ignores "1 minute" (no "interval") without a word.
+    assert ScoreTargetConfig(uri="/t").table_properties == {
+        "delta.logRetentionDuration": "interval 5 minutes",
+        "delta.deletedFileRetentionDuration": "interval 60 minutes",
     }
-    assert ScoreTargetConfig(uri="/t", log_retention_minutes=None).table_properties == {}
-    with pytest.raises(pydantic.ValidationError, match="log_retention_minutes"):
-        ScoreTargetConfig(uri="/t", log_retention_minutes=0)
+    assert ScoreTargetConfig(
+        uri="/t", log_retention_minutes=240, deleted_file_retention_minutes=None
+    ).table_properties == {"delta.logRetentionDuration": "interval 240 minutes"}
+    assert (
+        ScoreTargetConfig(uri="/t", log_retention_minutes=None, deleted_file_retention_minutes=None).table_properties
+        == {}
+    )
+    for field in ("log_retention_minutes", "deleted_file_retention_minutes"):
+        with pytest.raises(pydantic.ValidationError, match=field):
+            ScoreTargetConfig.model_validate({"uri": "/t", field: 0})
+
+
+def test_checkpoints_are_left_to_the_compactor_only_while_it_runs_by_commit_count() -> None:
+    assert ScoreTargetConfig(uri="/t").checkpoints == "by_maintenance"
+    assert ScoreTargetConfig(uri="/t").compactor().checkpoints is True
+    by_time_only = ScoreTargetConfig(uri="/t", compact_every_commits=0)
+    assert by_time_only.checkpoints == "on_commit" and by_time_only.compactor().checkpoints is False
 
 
 def test_compaction_is_triggered_by_commits_as_well_as_by_time_by_default() -> None:

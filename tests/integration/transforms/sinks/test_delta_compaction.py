@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -12,7 +13,8 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
-from tests.integration.transforms.sinks.test_delta_offsets import TOPIC, positions, scores, sink_at
+from schemas.scores import SCORES_PARTITION_COLUMNS, SCORES_SCHEMA
+from tests.integration.transforms.sinks.test_delta_offsets import PREFIX, TOPIC, positions, scores, sink_at
 from transforms.sinks.delta_compaction import PartitionCompactor
 from transforms.sinks.delta_offsets import OffsetTrackedDeltaSink
 
@@ -158,3 +160,71 @@ def test_a_timed_run_vacuums_replaced_files_only_when_asked(tmp_path: Path) -> N
 
     assert on_disk() == 2 == len(_sizes(uri))  # only the live files are left
     assert positions(uri) == Counter({(0, o): 1 for o in range(16)})
+
+
+def _checkpoint_files(uri: Path) -> list[str]:
+    return sorted(p.name for p in (uri / "_delta_log").glob("*.checkpoint.parquet"))
+
+
+def test_commits_of_a_maintained_sink_leave_checkpoints_and_log_cleanup_to_the_compactor(tmp_path: Path) -> None:
+    uri = tmp_path / "scores"
+    sink = OffsetTrackedDeltaSink(
+        str(uri),
+        SCORES_SCHEMA,
+        app_prefix=PREFIX,
+        partition_by=SCORES_PARTITION_COLUMNS,
+        table_properties={"delta.logRetentionDuration": "interval 1 seconds"},
+        checkpoints="by_maintenance",
+    )
+    sink.ensure_table()
+    for k in range(105):  # past delta.checkpointInterval (100): delta-rs's hook would checkpoint at 100
+        sink.append(scores(0, [k]), through={(TOPIC, 0): k})
+    assert _checkpoint_files(uri) == []
+    time.sleep(1.5)  # every commit so far is older than the log retention
+
+    compactor = PartitionCompactor([str(uri)], {}, every_s=0, checkpoints=True)
+    compactor.saw(DATES)
+    compactor.run_once()
+
+    (checkpoint,) = _checkpoint_files(uri)
+    version = int(checkpoint.split(".")[0])
+    assert version == DeltaTable(str(uri)).version() == 106  # create, 105 appends, the compaction
+    logs = sorted((uri / "_delta_log").glob("*.json"))
+    assert [p.name for p in logs] == [f"{version:020}.json"]  # the expired commits before it are gone
+    fresh = OffsetTrackedDeltaSink(str(uri), SCORES_SCHEMA, app_prefix=PREFIX)
+    assert fresh.version_of(sink.app_id(TOPIC, 0)) == 104  # progress lives in the checkpoint
+    assert positions(uri) == Counter({(0, o): 1 for o in range(105)})
+
+    compactor.run_once()  # the table did not move: no second checkpoint of the same version
+    assert _checkpoint_files(uri) == [checkpoint]
+    assert (uri / "_delta_log" / "_last_checkpoint").read_text().count(f'"version":{version}') == 1
+
+
+def test_tombstones_leave_the_checkpoints_after_the_tables_retention(tmp_path: Path) -> None:
+    """What delta.deletedFileRetentionDuration is for: each file a compaction replaced stays in every
+    checkpoint as a tombstone until it expires (7 days by default)."""
+    uri = tmp_path / "scores"
+    sink = OffsetTrackedDeltaSink(
+        str(uri),
+        SCORES_SCHEMA,
+        app_prefix=PREFIX,
+        partition_by=SCORES_PARTITION_COLUMNS,
+        table_properties={"delta.deletedFileRetentionDuration": "interval 2 seconds"},
+        checkpoints="by_maintenance",
+    )
+    sink.ensure_table()
+    _append(sink, range(10), 4)  # 20 files, two dates
+    compactor = PartitionCompactor([str(uri)], {}, every_s=0, checkpoints=True)
+    compactor.saw(DATES)
+    compactor.run_once()
+    last = lambda: json.loads((uri / "_delta_log" / "_last_checkpoint").read_text())  # noqa: E731
+    assert last()["numOfAddFiles"] == 2 and last()["size"] >= 2 + 20  # the 20 tombstones are in
+
+    time.sleep(2.5)
+    _append(sink, range(10, 11), 4)
+    compactor.saw(DATES)
+    compactor.run_once()
+
+    assert last()["numOfAddFiles"] == 2
+    assert last()["size"] < 20  # protocol, metadata, app transaction, live files and the 2 new tombstones
+    assert positions(uri) == Counter({(0, o): 1 for o in range(44)})
