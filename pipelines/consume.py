@@ -12,7 +12,9 @@ Kafka splits the topic's partitions between them. Each micro-batch (bounded by
    are dropped, so a replay after a crash, whatever its batch boundaries, writes nothing twice.
    Quarantined rows, when the batch has any, are appended first; the scores commit then records
    the quarantine table's progress as well (``covers``), so a batch without quarantined rows costs
-   one Delta commit, not two, and a replay that quarantines a row the first run scored skips it.
+   one Delta commit, not two. After a crash between a batch's two commits, the quarantine table's
+   rows decide where the replayed offsets go, whatever the replay's verdicts
+   (:mod:`transforms.sinks.split_commit`).
 2. **Feast** online store: keyed upserts of the latest score per (user, ad); a replay rewrites the
    same values.
 3. **One Kafka transaction** holding the scores-topic messages, the dead letters and the
@@ -73,6 +75,7 @@ from schemas.scores import (
 from transforms.crashpoints import crash_point
 from transforms.errors import SinkError, SourceError
 from transforms.score_requests import RequestScorer, ScoreOutcome, ScoreStats, ScoringSpec
+from transforms.sinks import split_commit
 from transforms.sinks.delta_compaction import PartitionCompactor
 from transforms.sinks.kafka_outputs import ProducerFenced, TransactionalKafkaSink
 
@@ -577,26 +580,41 @@ class ConsumerRunner:
         out = self._kafka_out
         out.begin()
         try:
-            out.produce_scores(outcome.scores)
+            # After a crash between a batch's two commits, the quarantine table's rows decide where
+            # the offsets between them go, whatever this replay's verdicts (split_commit).
+            settled = split_commit.settle(
+                outcome.scores,
+                outcome.quarantined,
+                through=through,
+                scores_sink=self._scores,
+                quarantine_sink=self._quarantine,
+            )
+            if settled.kept_in_quarantine:
+                outcome.stats.scored -= settled.kept_in_quarantine
+                outcome.stats.quarantined += settled.kept_in_quarantine
+            out.produce_scores(settled.scores)
             out.produce_dead_letters(outcome.dead_letters)
             clock.lap("kafka")
+            if settled.quarantine_missing.num_rows:
+                self._quarantine.append_unrecorded(settled.quarantine_missing, metadata=meta)
             # Quarantined rows first: the scores commit then records the quarantine's progress too
             # (``covers``), and a batch without any needs no quarantine commit at all.
-            if outcome.quarantined.num_rows:
-                self._quarantine.append(outcome.quarantined, through=through, metadata=meta)
+            if settled.quarantined.num_rows:
+                self._quarantine.append(settled.quarantined, through=through, metadata=meta)
+            crash_point("consume:between_quarantine_and_scores_commits")
             written = self._scores.append(
-                outcome.scores,
+                settled.scores,
                 through=through,
                 metadata=meta,
                 published=self._published_since_last_delta,
                 covers=self._quarantine,
             )
-            if self._compactor is not None and outcome.scores.num_rows:
-                self._compactor.saw_rows(outcome.scores)
+            if self._compactor is not None and settled.scores.num_rows:
+                self._compactor.saw_rows(settled.scores)
             clock.lap("delta")
             crash_point("consume:after_delta_commit")
-            if self._feast is not None and outcome.scores.num_rows:
-                self.summary.online_written += self._feast.write(outcome.scores)
+            if self._feast is not None and settled.scores.num_rows:
+                self.summary.online_written += self._feast.write(settled.scores)
             clock.lap("feast")
             crash_point("consume:after_online_write")
             crash_point("consume:before_kafka_commit")
@@ -619,7 +637,7 @@ class ConsumerRunner:
             log.debug(
                 "batch published",
                 extra={
-                    "scored": outcome.scores.num_rows,
+                    "scored": settled.scores.num_rows,
                     "dead_lettered": outcome.dead_letters.num_rows,
                     "quarantined": outcome.quarantined.num_rows,
                     "through": {f"{t}[{p}]": o for (t, p), o in through.items()},

@@ -45,6 +45,7 @@ from pipelines.step_times import StepClock
 from schemas.scores import SCORES_PARTITION_COLUMNS, SCORES_QUARANTINE_SCHEMA, SCORES_SCHEMA
 from transforms.crashpoints import crash_point
 from transforms.score_requests import ScoringSpec
+from transforms.sinks import split_commit
 from transforms.sinks.delta_compaction import PartitionCompactor
 from transforms.sinks.delta_offsets import OffsetTrackedDeltaSink
 from transforms.spark import delta_io
@@ -247,6 +248,15 @@ class _BatchPublisher:
         meta = {"sluice": {"job": "score-stream", "stream": self.app, "batch_id": batch_id}}
         scores, quarantine = parts[SCORED], parts[QUARANTINED]
         written = self._scores.append_once(scores, app=self.app, version=batch_id, metadata=meta)
+        kept_in_scores = 0
+        if written.version is None and (self._quarantine.version_of(self.app, refresh=True) or -1) < batch_id:
+            # A replay of a batch id whose scores commit landed: the scores table's rows decide where
+            # each row goes, whatever this replay's verdicts (split_commit). Rare: replays only.
+            settled = split_commit.settle_batch_replay(scores, quarantine, scores_sink=self._scores)
+            if settled.scores_missing.num_rows:
+                self._scores.append_unrecorded(settled.scores_missing, metadata=meta)
+            quarantine, kept_in_scores = settled.quarantined, settled.kept_in_scores
+            counts[QUARANTINED] = quarantine.num_rows
         if quarantine.num_rows:
             # An empty append would be a whole Delta commit recording nothing: a replay of this
             # batch id reads the same offsets, so it quarantines the same (no) rows again.
@@ -269,10 +279,10 @@ class _BatchPublisher:
                 s.first_batch_at = started
             s.last_batch_at = time.time()
             s.batches += 1
-            s.scored += n_scored
+            s.scored += n_scored + kept_in_scores
             s.dead_lettered += counts.get(DEAD_LETTER, 0)
             s.quarantined += counts.get(QUARANTINED, 0)
-            s.records += n_scored + counts.get(DEAD_LETTER, 0) + counts.get(QUARANTINED, 0)
+            s.records += n_scored + kept_in_scores + counts.get(DEAD_LETTER, 0) + counts.get(QUARANTINED, 0)
             s.online_written += online
             if not published:
                 s.topic_batches_skipped += 1

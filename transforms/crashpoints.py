@@ -24,6 +24,7 @@ POINTS = (
     "after_online_write",
     # the consumer runner, in the order of one micro-batch
     "consume:after_read",
+    "consume:between_quarantine_and_scores_commits",
     "consume:after_delta_commit",
     "consume:after_online_write",
     "consume:before_kafka_commit",

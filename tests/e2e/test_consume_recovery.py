@@ -132,6 +132,7 @@ def test_sigkill_at_random_moments_while_events_flow(
 
 CRASH_POINTS = (
     "consume:after_read",
+    "consume:between_quarantine_and_scores_commits",
     "consume:after_delta_commit",
     "consume:after_online_write",
     "consume:before_kafka_commit",

@@ -268,18 +268,19 @@ class OffsetTrackedDeltaSink:
     def app_id(self, topic: str, partition: int) -> str:
         return app_id(self.app_prefix, topic, partition)
 
-    def recorded(self, topic: str, partition: int) -> int | None:
+    def recorded(self, topic: str, partition: int, *, own: bool = False) -> int | None:
         """The last offset of ``topic[partition]`` the table records (None: none yet), or the one
-        :attr:`recorded_also_by` records for it, whichever is later. Cached: read from the log
-        once, then kept up to date by this sink's own commits; :meth:`refresh` re-reads."""
+        :attr:`recorded_also_by` records for it, whichever is later (``own``: this table's record
+        alone). Cached: read from the log once, then kept up to date by this sink's own commits;
+        :meth:`refresh` re-reads."""
         key = (topic, int(partition))
         if key not in self._recorded:
             self._recorded[key] = self.version_of(self.app_id(*key))
-        own = self._recorded[key]
-        if self.recorded_also_by is None:
-            return own
+        mine = self._recorded[key]
+        if own or self.recorded_also_by is None:
+            return mine
         other = self.recorded_also_by.mark(self.covered_app_id(*key))
-        return own if other is None else other if own is None else max(own, other)
+        return mine if other is None else other if mine is None else max(mine, other)
 
     def covered_app_id(self, topic: str, partition: int) -> str:
         """The app id under which a covering sink records this sink's progress in *its* table."""
@@ -435,6 +436,51 @@ class OffsetTrackedDeltaSink:
                 continue
             return AppendResult(rows_written=table.num_rows, rows_skipped=0, version=committed)
         raise AssertionError("unreachable")
+
+    def offsets_held(self, windows: Mapping[TopicPartitionKey, tuple[int, int]]) -> set[tuple[str, int, int]]:
+        """The (topic, partition, offset) of the rows the table holds with an offset in ``(low,
+        high]`` of their partition's window, read from the latest version. A scan of the table's
+        files (with statistics pruning): for the rare replay that needs it (:mod:`split_commit`)."""
+        import pyarrow.dataset as ds
+
+        if not windows:
+            return set()
+        self._update()
+        where: Any = None
+        for (topic, partition), (low, high) in windows.items():
+            one = (
+                (ds.field("topic") == topic)
+                & (ds.field("partition") == partition)
+                & (ds.field("offset") > low)
+                & (ds.field("offset") <= high)
+            )
+            where = one if where is None else where | one
+        try:
+            held = self.table.to_pyarrow_dataset().to_table(columns=["topic", "partition", "offset"], filter=where)
+        except Exception as exc:
+            raise SinkError(f"cannot read the rows of Delta table {self.uri}: {exc}") from exc
+        return set(
+            zip(
+                held["topic"].to_pylist(),
+                held["partition"].to_pylist(),
+                held["offset"].to_pylist(),
+                strict=True,
+            )
+        )
+
+    def append_unrecorded(
+        self, rows: pa.Table | pa.RecordBatch, *, metadata: Mapping[str, Any] | None = None
+    ) -> int | None:
+        """Append ``rows`` whatever the progress recorded for their partitions says, recording no
+        progress; returns the version (None: no rows). Only for rows the caller has just checked
+        the table lacks (:meth:`offsets_held`): the offset filter of :meth:`append` would drop them."""
+        table = self._conform(rows)
+        if table.num_rows == 0:
+            return None
+        try:
+            return self._commit(table, {}, None, metadata)
+        except _Conflict as exc:  # no app transaction: cannot happen, but never swallow it
+            raise SinkError(f"Delta table {self.uri}: {exc}") from exc
 
     def record_progress(self, versions: Mapping[str, int], *, metadata: Mapping[str, Any] | None = None) -> int:
         """Commit app transactions ``versions`` (app id -> version) with no rows; returns the version.
