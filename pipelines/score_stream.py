@@ -249,7 +249,10 @@ class _BatchPublisher:
         scores, quarantine = parts[SCORED], parts[QUARANTINED]
         written = self._scores.append_once(scores, app=self.app, version=batch_id, metadata=meta)
         kept_in_scores = 0
-        if written.version is None and (self._quarantine.version_of(self.app, refresh=True) or -1) < batch_id:
+        if written.version is None and (
+            (quarantined_through := self._quarantine.version_of(self.app, refresh=True)) is None
+            or quarantined_through < batch_id
+        ):
             # A replay of a batch id whose scores commit landed: the scores table's rows decide where
             # each row goes, whatever this replay's verdicts (split_commit). Rare: replays only.
             settled = split_commit.settle_batch_replay(scores, quarantine, scores_sink=self._scores)

@@ -50,25 +50,21 @@ def _table(rows: pa.Table | pa.RecordBatch) -> pa.Table:
     return rows if isinstance(rows, pa.Table) else pa.Table.from_batches([rows])
 
 
+def _positions(rows: pa.Table) -> list[tuple[str, int, int]]:
+    """Each row's (topic, partition, offset). Python objects: only on the rare replay paths."""
+    return list(zip(rows["topic"].to_pylist(), rows["partition"].to_pylist(), rows["offset"].to_pylist(), strict=True))
+
+
 def _in(rows: pa.Table, keys: set[tuple[str, int, int]]) -> pa.Array:
     """Per row: whether its (topic, partition, offset) is in ``keys``."""
-    mask = [
-        (t, p, o) in keys
-        for t, p, o in zip(
-            rows["topic"].to_pylist(), rows["partition"].to_pylist(), rows["offset"].to_pylist(), strict=True
-        )
-    ]
-    return pa.array(mask, pa.bool_())
+    return pa.array([key in keys for key in _positions(rows)], pa.bool_())
 
 
 def _in_windows(rows: pa.Table, windows: Mapping[TopicPartitionKey, tuple[int, int]]) -> pa.Array:
-    mask = [
-        (tp := (t, p)) in windows and windows[tp][0] < o <= windows[tp][1]
-        for t, p, o in zip(
-            rows["topic"].to_pylist(), rows["partition"].to_pylist(), rows["offset"].to_pylist(), strict=True
-        )
-    ]
-    return pa.array(mask, pa.bool_())
+    return pa.array(
+        [(tp := (t, p)) in windows and windows[tp][0] < o <= windows[tp][1] for t, p, o in _positions(rows)],
+        pa.bool_(),
+    )
 
 
 def settle(
@@ -131,9 +127,7 @@ def _batch_windows(*tables: pa.Table) -> dict[TopicPartitionKey, tuple[int, int]
     """Per partition, ``(first offset - 1, last offset]`` over the rows of ``tables``."""
     windows: dict[TopicPartitionKey, tuple[int, int]] = {}
     for rows in tables:
-        for t, p, o in zip(
-            rows["topic"].to_pylist(), rows["partition"].to_pylist(), rows["offset"].to_pylist(), strict=True
-        ):
+        for t, p, o in _positions(rows):
             low, high = windows.get((t, p), (o - 1, o))
             windows[(t, p)] = (min(low, o - 1), max(high, o))
     return windows

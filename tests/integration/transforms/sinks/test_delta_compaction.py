@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
-from schemas.scores import SCORES_PARTITION_COLUMNS, SCORES_SCHEMA
+from schemas.scores import SCORES_SCHEMA
 from tests.integration.transforms.sinks.test_delta_offsets import PREFIX, TOPIC, positions, scores, sink_at
 from transforms.sinks.delta_compaction import PartitionCompactor
 from transforms.sinks.delta_offsets import OffsetTrackedDeltaSink
@@ -168,15 +168,9 @@ def _checkpoint_files(uri: Path) -> list[str]:
 
 def test_commits_of_a_maintained_sink_leave_checkpoints_and_log_cleanup_to_the_compactor(tmp_path: Path) -> None:
     uri = tmp_path / "scores"
-    sink = OffsetTrackedDeltaSink(
-        str(uri),
-        SCORES_SCHEMA,
-        app_prefix=PREFIX,
-        partition_by=SCORES_PARTITION_COLUMNS,
-        table_properties={"delta.logRetentionDuration": "interval 1 seconds"},
-        checkpoints="by_maintenance",
+    sink = sink_at(
+        uri, table_properties={"delta.logRetentionDuration": "interval 1 seconds"}, checkpoints="by_maintenance"
     )
-    sink.ensure_table()
     for k in range(105):  # past delta.checkpointInterval (100): delta-rs's hook would checkpoint at 100
         sink.append(scores(0, [k]), through={(TOPIC, 0): k})
     assert _checkpoint_files(uri) == []
@@ -204,15 +198,9 @@ def test_tombstones_leave_the_checkpoints_after_the_tables_retention(tmp_path: P
     """What delta.deletedFileRetentionDuration is for: each file a compaction replaced stays in every
     checkpoint as a tombstone until it expires (7 days by default)."""
     uri = tmp_path / "scores"
-    sink = OffsetTrackedDeltaSink(
-        str(uri),
-        SCORES_SCHEMA,
-        app_prefix=PREFIX,
-        partition_by=SCORES_PARTITION_COLUMNS,
-        table_properties={"delta.deletedFileRetentionDuration": "interval 2 seconds"},
-        checkpoints="by_maintenance",
+    sink = sink_at(
+        uri, table_properties={"delta.deletedFileRetentionDuration": "interval 2 seconds"}, checkpoints="by_maintenance"
     )
-    sink.ensure_table()
     _append(sink, range(10), 4)  # 20 files, two dates
     compactor = PartitionCompactor([str(uri)], {}, every_s=0, checkpoints=True)
     compactor.saw(DATES)

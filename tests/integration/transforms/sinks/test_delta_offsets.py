@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pytest
@@ -55,9 +55,21 @@ def scores(partition: int, offsets: range | list[int], *, topic: str = TOPIC) ->
 
 
 def sink_at(
-    uri: Path | str, *, schema: pa.Schema = SCORES_SCHEMA, partition_by: tuple[str, ...] = SCORES_PARTITION_COLUMNS
+    uri: Path | str,
+    *,
+    schema: pa.Schema = SCORES_SCHEMA,
+    partition_by: tuple[str, ...] = SCORES_PARTITION_COLUMNS,
+    table_properties: dict[str, str] | None = None,
+    checkpoints: Literal["on_commit", "by_maintenance"] = "on_commit",
 ) -> OffsetTrackedDeltaSink:
-    sink = OffsetTrackedDeltaSink(str(uri), schema, app_prefix=PREFIX, partition_by=partition_by)
+    sink = OffsetTrackedDeltaSink(
+        str(uri),
+        schema,
+        app_prefix=PREFIX,
+        partition_by=partition_by,
+        table_properties=table_properties,
+        checkpoints=checkpoints,
+    )
     sink.ensure_table()
     return sink
 
@@ -397,14 +409,7 @@ def test_a_short_log_retention_keeps_the_log_directory_bounded(tmp_path: Path) -
     of log files, not only of data files, is what a long stream's commits pay for. Delta deletes
     expired commits at a checkpoint, up to the checkpoint before it."""
     uri = tmp_path / "quarantine"
-    sink = OffsetTrackedDeltaSink(
-        str(uri),
-        SCORES_SCHEMA,
-        app_prefix=PREFIX,
-        partition_by=SCORES_PARTITION_COLUMNS,
-        table_properties={"delta.logRetentionDuration": "interval 1 seconds"},
-    )
-    sink.ensure_table()
+    sink = sink_at(uri, table_properties={"delta.logRetentionDuration": "interval 1 seconds"})
     sink.append(scores(0, range(2)), through={(TOPIC, 0): 1})
     for k in range(2, 206):  # progress-only commits, as the quarantine table gets every batch
         if k == 102:
