@@ -60,8 +60,10 @@ class TargetConfig(_Strict):
 
 
 class BatchingConfig(_Strict):
-    max_rows: int = Field(128, ge=1, description="rows per model call")
-    max_tokens: int = Field(8192, ge=16, description="rows x padded length per model call")
+    max_rows: int | None = Field(None, ge=1, description="rows per model call; default 128 on CPU, 1024 on GPU")
+    max_tokens: int | None = Field(
+        None, ge=16, description="rows x padded length per model call; default 8192 on CPU, 65536 on GPU"
+    )
     call_overhead_tokens: int | None = Field(
         None,
         ge=0,

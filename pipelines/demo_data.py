@@ -12,7 +12,9 @@ more than realism for its own sake:
 * **Poison rows on demand.** ``bad_fraction`` plants empty and null texts at seeded positions,
   so the quarantine path can be counted exactly (invariant 1 of DESIGN.md).
 
-The Delta helpers enable Change Data Feed because the backfill's incremental mode reads only the
+The Delta helpers import deltalake when called, so the generator alone runs where deltalake is not
+installed (the GPU benchmark box takes only torch and the encoder's own needs). They enable Change
+Data Feed because the backfill's incremental mode reads only the
 rows changed since its last run, and ``mutate_items`` produces exactly such changes.
 """
 
@@ -28,8 +30,6 @@ from urllib.parse import urlparse
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import DeltaTable, write_deltalake
-from deltalake.exceptions import DeltaError
 
 from schemas.items import ITEMS_SCHEMA
 from transforms.errors import ConfigError, SinkError, SourceError
@@ -846,6 +846,9 @@ def write_items_table(
     delta-rs applies ``configuration`` only when it creates a table. A path that holds something
     other than a Delta table is refused in both modes rather than mixed into.
     """
+    from deltalake import DeltaTable, write_deltalake
+    from deltalake.exceptions import DeltaError
+
     if mode not in ("error", "overwrite"):
         raise ConfigError(f"mode must be 'error' or 'overwrite', got {mode!r}")
     local = _local_path(uri)
@@ -918,6 +921,9 @@ def mutate_items(
     current maximum, so a watermark-based reader sees them as new too. Updated and deleted ids are
     disjoint; inserted ids continue after the current maximum id.
     """
+    from deltalake import DeltaTable
+    from deltalake.exceptions import DeltaError
+
     _check_fraction("update_fraction", update_fraction)
     if insert_rows < 0 or delete_rows < 0:
         raise ConfigError(f"insert_rows and delete_rows must be >= 0, got {insert_rows} and {delete_rows}")

@@ -107,10 +107,11 @@ class _Runner:
         enc = self.encoder
         ids = host[0].to(enc.device, non_blocking=True)
         mask = host[1].to(enc.device, non_blocking=True)
-        with torch.inference_mode(), enc.autocast():
+        with torch.inference_mode(), enc.forward_context():
             hidden = enc.module(ids, mask)
             if isinstance(hidden, (tuple, list)):
                 hidden = hidden[0]
+            hidden = hidden.float()  # pool in fp32: a bf16 sum over 256 tokens loses digits
             if enc.pooling == "mean":
                 m = mask.unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
@@ -118,7 +119,6 @@ class _Runner:
                 pooled = hidden[:, 0]
             else:
                 pooled = hidden
-            pooled = pooled.float()
             if enc.normalize:
                 pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
         return pooled

@@ -58,3 +58,28 @@ def configure_threads(cores: int | None) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's ISA flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def int8_engine(flags: frozenset[str], supported: list[str], current: str) -> str:
+    """The quantized engine for int8 CPU inference: oneDNN where the CPU has AMX int8 tiles.
+
+    torch's default on x86 packs dynamic int8 Linears for fbgemm, which does not use AMX. On an
+    AMX machine (Intel Xeon, 2 cores) MiniLM's int8 forward ran 1.31x fp32 that way and 1.59x
+    with oneDNN (median of 5 interleaved runs each; cosine to fp32 min 0.9955). Elsewhere the
+    default stays: without AMX no gain was measured.
+    """
+    if "amx_int8" in flags and "onednn" in supported:
+        return "onednn"
+    return current

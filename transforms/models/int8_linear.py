@@ -43,6 +43,8 @@ class TokenScaledInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
-        peak = torch.linalg.vector_norm(rows, ord=float("inf"), dim=1, keepdim=True).clamp_min(1e-6)
-        out = torch.addcmul(self.bias, self.gemm(rows / peak), peak)
+        # amax of |x| and a multiply by the reciprocal: on CPU, vector_norm(ord=inf) and a division
+        # took ~6 and ~3 ms per [8k, 1536] call, a quarter of MiniLM's int8 forward.
+        peak = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-6)
+        out = torch.addcmul(self.bias, self.gemm(rows * peak.reciprocal()), peak)
         return out.view(*shape[:-1], self.out_features)

@@ -360,3 +360,40 @@ def test_bf16_on_cpu_stays_with_fp32() -> None:
     assert b.dtype == np.float32
     assert (np.sum(a * b, axis=1) > 0.999).all()
     np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-3)
+
+
+def test_forward_context_autocasts_only_half_precisions_on_cpu() -> None:
+    fp32 = load_encoder(ModelConfig(precision="fp32", device="cpu"))
+    bf16 = load_encoder(ModelConfig(precision="bf16", device="cpu"))
+    assert not fp32.half_weights and not bf16.half_weights  # CPU keeps fp32 weights under autocast
+    with fp32.forward_context():
+        assert not torch.is_autocast_enabled("cpu")
+    with bf16.forward_context():
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_on_cuda_runs_half_weights_and_matches_fp32() -> None:
+    """sluice's BERT on a GPU: bf16 weights, no autocast, attention off cuDNN, fp32-close output."""
+    texts = ["bf16 on a GPU", "a much longer product description with many words in it " * 6, "ok"] * 50
+    gpu = load_encoder(ModelConfig(precision="bf16", device="cuda"))
+    assert gpu.half_weights and next(gpu.module.parameters()).dtype == torch.bfloat16
+    with gpu.forward_context():
+        assert not torch.is_autocast_enabled("cuda")
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    ref = encode_texts(load_encoder(ModelConfig(precision="fp32", device="cpu")), texts, limits=BatchLimits())
+    out = encode_texts(gpu, texts, limits=BatchLimits())
+    assert not out.failed
+    assert (np.sum(out.embeddings * ref.embeddings, axis=1) > 0.999).all()
+
+
+def test_int8_engine_is_onednn_only_with_amx() -> None:
+    from transforms.models.device import int8_engine
+
+    engines = ["qnnpack", "onednn", "x86", "fbgemm"]
+    assert int8_engine(frozenset({"avx2", "amx_tile", "amx_int8"}), engines, "x86") == "onednn"
+    assert int8_engine(frozenset({"avx2", "avx512_vnni"}), engines, "x86") == "x86"
+    assert int8_engine(frozenset({"amx_int8"}), ["qnnpack", "x86"], "x86") == "x86"  # a build without it
+    assert int8_engine(frozenset(), engines, "fbgemm") == "fbgemm"
