@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from schemas.embeddings import embeddings_storage_schema
 from schemas.quarantine import QUARANTINE_SCHEMA
 from transforms.crashpoints import crash_point
-from transforms.embed_items import EmbedSpec, embed_items
+from transforms.embed_items import EmbedSpec, embed_batches
 from transforms.inference import EncodeStats
 
 if TYPE_CHECKING:
@@ -79,10 +79,7 @@ def make_embed_fn(
         validation.prewarm()  # a no-op thread once the worker's GX context exists
         gpu, cores = task_resources()
         total = EncodeStats()
-        for i, batch in enumerate(batches):
-            if batch.num_rows == 0:
-                continue
-            outcome = embed_items(spec, batch, gpu_address=gpu, cores=cores)
+        for i, outcome in enumerate(embed_batches(spec, batches, gpu_address=gpu, cores=cores)):
             total.add(outcome.stats)
             yield _to_combined(outcome.output, outcome.quarantine, schema)
             if i == 0:

