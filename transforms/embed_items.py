@@ -9,6 +9,7 @@ quarantined (stage ``model``), and outputs failing an expectation are quarantine
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -102,6 +103,13 @@ def _input_problems(ids: pa.Array, texts: pa.Array) -> tuple[np.ndarray, list[st
     return bad, checks, reasons
 
 
+@functools.lru_cache(maxsize=8)
+def _validator(dim: int, norm_tolerance: float) -> EmbeddingValidator:
+    """One validator per worker process and shape: building one builds its GX expectations and
+    suites, which each batch would otherwise pay again."""
+    return EmbeddingValidator(dim=dim, norm_tolerance=norm_tolerance)
+
+
 @dataclass
 class _Prepared:
     """A batch after the checks that need no model and after tokenising: the work that can run on
@@ -184,7 +192,7 @@ def _finish(spec: EmbedSpec, encoder: TextEncoder, prepared: _Prepared) -> Embed
         ],
         schema=schema.append(pa.field(_ROW, pa.int64())),
     )
-    outcome = EmbeddingValidator(dim=dim, norm_tolerance=spec.norm_tolerance).validate(candidate)
+    outcome = _validator(dim, spec.norm_tolerance).validate(candidate)
     if outcome.rejected.num_rows:
         rej = outcome.rejected
         parts.append(

@@ -208,3 +208,11 @@ def test_a_stream_raises_what_the_helper_thread_raised(spec: EmbedSpec) -> None:
         embed_items(spec, no_text)
     with pytest.raises(KeyError):
         list(embed_items_mod.embed_batches(spec, iter([MIXED, no_text])))
+
+
+def test_the_validator_is_built_once_per_process(spec: EmbedSpec) -> None:
+    embed_items_mod._validator.cache_clear()
+    for _ in range(3):
+        embed_items(spec, MIXED)
+    info = embed_items_mod._validator.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
