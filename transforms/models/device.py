@@ -76,9 +76,9 @@ def int8_engine(flags: frozenset[str], supported: list[str], current: str) -> st
     """The quantized engine for int8 CPU inference: oneDNN where the CPU has AMX int8 tiles.
 
     torch's default on x86 packs dynamic int8 Linears for fbgemm, which does not use AMX. On an
-    AMX machine (Intel Xeon, 2 cores) MiniLM's int8 forward ran 1.31x fp32 that way and 1.59x
-    with oneDNN (median of 5 interleaved runs each; cosine to fp32 min 0.9955). Elsewhere the
-    default stays: without AMX no gain was measured.
+    AMX machine (Intel Xeon, 2 cores) MiniLM's int8 forward ran 1.29-1.38x fp32 that way and
+    1.53-1.68x with oneDNN (5 interleaved runs each on 1.5k texts; cosine to fp32 min 0.9955).
+    Elsewhere the default stays: without AMX it was not measured.
     """
     if "amx_int8" in flags and "onednn" in supported:
         return "onednn"
