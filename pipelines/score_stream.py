@@ -321,7 +321,9 @@ def _warm_source(spark: SparkSession, cfg: ScoreConfig, publisher: _BatchPublish
     it, 7.2 s in the one run without it whose log was kept). Nothing is published, so
     this cannot affect what the stream writes. An empty topic (nothing to read yet) is skipped.
     """
-    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka import Consumer
+
+    from transforms.kafka_admin import watermarks
 
     k = cfg.kafka
     consumer = Consumer(
@@ -336,7 +338,7 @@ def _warm_source(spark: SparkSession, cfg: ScoreConfig, publisher: _BatchPublish
         topic = consumer.list_topics(k.topic, timeout=10).topics.get(k.topic)
         ranges = {}
         for p in sorted(topic.partitions if topic is not None else {}):
-            low, high = consumer.get_watermark_offsets(TopicPartition(k.topic, p), timeout=10)
+            low, high = watermarks(consumer, k.topic, p, timeout_s=10, cached=False)
             if high > low:
                 ranges[p] = (low, min(high, low + per_partition))
     finally:

@@ -5,6 +5,9 @@ empty topic that nobody reads), so the runners create their dead-letter and scor
 themselves at start-up. That has to be idempotent — every run and every restart calls it — and
 must not return before the broker serves the new topic's partitions, or the first produce races
 the topic's creation and fails with "unknown topic".
+
+Even then a partition's leader can still be loading it for a moment after the metadata names it,
+and answers an offsets request with NOT_LEADER_FOR_PARTITION: :func:`watermarks` asks again.
 """
 
 from __future__ import annotations
@@ -138,3 +141,30 @@ def _wait_for_leaders(admin: Any, bootstrap: str, names: list[str], deadline: fl
         if time.monotonic() > deadline:
             raise SinkError(f"Kafka topic {name} was created on {bootstrap} but has no partition leader yet")
         time.sleep(0.05)
+
+
+def watermarks(consumer: Any, topic: str, partition: int, *, timeout_s: float, cached: bool = False) -> tuple[int, int]:
+    """(low, high) offsets of one partition, asking again while the broker's answer is transient
+    (a leader still loading a new partition, a broker restarting) until ``timeout_s`` has passed."""
+    from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+    deadline = time.monotonic() + timeout_s
+    backoff = 0.05
+    while True:
+        remaining = max(deadline - time.monotonic(), 0.1)
+        try:
+            marks = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=remaining, cached=cached)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            loading = isinstance(err, KafkaError) and err.code() in {
+                KafkaError.NOT_LEADER_FOR_PARTITION,
+                KafkaError.UNKNOWN_TOPIC_OR_PART,
+            }
+            if (loading or _transient(err)) and time.monotonic() + backoff < deadline:
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            raise
+        if marks is None:
+            raise SinkError(f"no watermarks for {topic}[{partition}] within {timeout_s:g} s")
+        return int(marks[0]), int(marks[1])

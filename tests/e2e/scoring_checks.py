@@ -44,6 +44,8 @@ def read_topic(bootstrap: str, topic: str, *, timeout_s: float = 30.0) -> list[T
 
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+    from transforms.kafka_admin import watermarks
+
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -57,7 +59,7 @@ def read_topic(bootstrap: str, topic: str, *, timeout_s: float = 30.0) -> list[T
         parts = sorted(meta.partitions)
         ends = {}
         for p in parts:
-            _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            _, high = watermarks(consumer, topic, p, timeout_s=10)
             ends[p] = high
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
         out: list[TopicMessage] = []

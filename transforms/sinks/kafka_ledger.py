@@ -211,7 +211,9 @@ class LedgeredKafkaPublisher:
 
     def _watermarks(self) -> dict[tuple[str, int], tuple[int, int]]:
         """(low, high) watermark of every partition of both topics."""
-        from confluent_kafka import KafkaException, TopicPartition
+        from confluent_kafka import KafkaException
+
+        from transforms.kafka_admin import watermarks
 
         consumer = self._scan_consumer()
         out = {}
@@ -223,10 +225,7 @@ class LedgeredKafkaPublisher:
                         f"Kafka topic {topic} is missing on {self.bootstrap}: {getattr(meta, 'error', None)}"
                     )
                 for p in sorted(meta.partitions):
-                    marks = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=_TIMEOUT_S, cached=False)
-                    if marks is None:
-                        raise SinkError(f"no watermarks for {topic}[{p}] on {self.bootstrap} within {_TIMEOUT_S:g} s")
-                    out[(topic, p)] = (int(marks[0]), int(marks[1]))
+                    out[(topic, p)] = watermarks(consumer, topic, p, timeout_s=_TIMEOUT_S)
         except KafkaException as exc:
             raise SinkError(f"cannot read the offsets of {self.topics} on {self.bootstrap}: {exc}") from exc
         return out

@@ -66,3 +66,47 @@ def test_a_transient_error_that_outlasts_the_deadline_fails() -> None:
     with pytest.raises(SinkError, match="cannot create Kafka topic b"):
         kafka_admin._create(admin, {"b": 1}, "h:1", time.monotonic() - 1)
     assert len(admin.calls) == 1
+
+
+class _FlakyWatermarks:
+    """get_watermark_offsets failing with ``errors`` first, then answering ``marks``."""
+
+    def __init__(self, errors: list[int], marks: tuple[int, int] | None = (3, 9)) -> None:
+        self.errors = list(errors)
+        self.marks = marks
+        self.calls = 0
+
+    def get_watermark_offsets(self, tp: object, timeout: float, cached: bool) -> tuple[int, int] | None:
+        from confluent_kafka import KafkaError, KafkaException
+
+        self.calls += 1
+        if self.errors:
+            raise KafkaException(KafkaError(self.errors.pop(0)))
+        return self.marks
+
+
+def test_watermarks_ask_again_while_a_new_partition_is_still_loading() -> None:
+    from confluent_kafka import KafkaError
+
+    from transforms.kafka_admin import watermarks
+
+    consumer = _FlakyWatermarks([KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.UNKNOWN_TOPIC_OR_PART])
+    assert watermarks(consumer, "t", 0, timeout_s=5) == (3, 9)
+    assert consumer.calls == 3
+
+
+def test_watermarks_raise_what_is_not_transient_and_say_when_there_is_no_answer() -> None:
+    from confluent_kafka import KafkaError, KafkaException
+
+    from transforms.errors import SinkError
+    from transforms.kafka_admin import watermarks
+
+    consumer = _FlakyWatermarks([KafkaError.TOPIC_AUTHORIZATION_FAILED])
+    with pytest.raises(KafkaException):
+        watermarks(consumer, "t", 0, timeout_s=5)
+    assert consumer.calls == 1
+    with pytest.raises(SinkError, match=r"no watermarks for t\[0\]"):
+        watermarks(_FlakyWatermarks([], marks=None), "t", 0, timeout_s=5)
+    stuck = _FlakyWatermarks([KafkaError.NOT_LEADER_FOR_PARTITION] * 1000)
+    with pytest.raises(KafkaException):
+        watermarks(stuck, "t", 0, timeout_s=0.5)  # gives up at the deadline

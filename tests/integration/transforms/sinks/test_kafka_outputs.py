@@ -34,7 +34,7 @@ from schemas.scores import (
 )
 from tests.fixtures.kafka_broker import unique_topic
 from transforms.errors import SinkError
-from transforms.kafka_admin import ensure_topics
+from transforms.kafka_admin import ensure_topics, watermarks
 from transforms.sinks import kafka_outputs
 from transforms.sinks.kafka_outputs import ProducerFenced, TransactionalKafkaSink
 
@@ -103,7 +103,7 @@ def read_committed(bootstrap: str, *names: str, timeout_s: float = 30.0) -> list
         ends: dict[tuple[str, int], int] = {}
         for name in names:
             for p in consumer.list_topics(name, timeout=10).topics[name].partitions:
-                ends[(name, p)] = consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1]
+                ends[(name, p)] = watermarks(consumer, name, p, timeout_s=10)[1]
         consumer.assign([TopicPartition(t, p, 0) for t, p in ends])
         pending = {tp for tp, end in ends.items() if end > 0}
         out = []
