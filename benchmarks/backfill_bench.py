@@ -295,17 +295,25 @@ class GpuSampler:
 # --------------------------------------------------------------------------------------------------
 
 
-def run_e(model_cfg: ModelConfig, good: Any, ids: list[str], limits: BatchLimits, arrow_batch: int) -> dict[str, Any]:
-    """``embed_items`` over the table cut into Spark-sized Arrow batches, after the warm-up a reused
-    Spark worker has had by its second task (model loaded, GX runtime built, kernels chosen)."""
+def _warm_worker(spec: Any, first: Any) -> None:
+    """What a reused Spark worker has done by its second task: GX runtime built, model loaded,
+    kernels chosen (one small batch through the per-task path)."""
     from transforms import validation
-    from transforms.embed_items import EmbedSpec, embed_batches, embed_items
+    from transforms.embed_items import embed_items
+
+    validation.prewarm().join()
+    embed_items(spec, first.slice(0, min(512, first.num_rows)))
+
+
+def run_e(model_cfg: ModelConfig, good: Any, ids: list[str], limits: BatchLimits, arrow_batch: int) -> dict[str, Any]:
+    """``embed_batches`` over the table cut into Spark-sized Arrow batches, after the warm-up a
+    reused Spark worker has had by its second task (:func:`_warm_worker`)."""
+    from transforms.embed_items import EmbedSpec, embed_batches
     from transforms.inference import EncodeStats
 
     spec = EmbedSpec(model=model_cfg, source_version=0, run_id="bench-e", limits=limits)
     batches = good.select(["item_id", "text"]).to_batches(max_chunksize=arrow_batch)
-    validation.prewarm().join()
-    embed_items(spec, batches[0].slice(0, min(512, batches[0].num_rows)))
+    _warm_worker(spec, batches[0])
     enc = load_encoder(model_cfg)
     cuda = enc.device.type == "cuda"
     if cuda:
@@ -359,15 +367,13 @@ def _e_worker(model_json: str, limits: BatchLimits, ipc: bytes, arrow_batch: int
     """One of (e')'s processes: what one Spark Python worker holding a share of the GPU runs."""
     import pyarrow as pa
 
-    from transforms import validation
-    from transforms.embed_items import EmbedSpec, embed_batches, embed_items
+    from transforms.embed_items import EmbedSpec, embed_batches
 
     model_cfg = ModelConfig.model_validate_json(model_json)
     table = pa.ipc.open_stream(ipc).read_all()
     spec = EmbedSpec(model=model_cfg, source_version=0, run_id="bench-e-procs", limits=limits)
     batches = table.to_batches(max_chunksize=arrow_batch)
-    validation.prewarm().join()
-    embed_items(spec, batches[0].slice(0, min(512, batches[0].num_rows)))
+    _warm_worker(spec, batches[0])
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     barrier.wait()
