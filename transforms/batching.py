@@ -71,11 +71,17 @@ class BatchLimits:
         )
 
 
-# CPU: wider calls than 128 x 8k tokens gain nothing on MiniLM and raise the padding. CUDA (H100,
-# MiniLM, bf16): 128 x 8k tokens left the GPU waiting on the host at ~2 ms per call; 1024 x 64k
-# tokens ran 4.6x the rows/s (107k vs 23k). A CUDA OOM halves them per call (invariant 5).
+# CPU: the token cap bounds the widest activation (tokens x FFN width x 4 B), and that must stay well
+# under glibc's 32 MiB mmap ceiling: at 8k tokens MiniLM's [8192, 1536] activations (48 MiB) were each
+# a fresh mmap, page-faulted in and unmapped again on every call (a fifth of the process's time in
+# the kernel), and int8, whose GEMMs are cheap, lost most of its gain to it. 2x Xeon (AMX) cores,
+# 3k demo rows, fp32 / int8 rows/s: 8k tokens 229-245 / 297-354, 4k 252-258 / 425-435, 2k
+# 255-268 / 527-549, 1k 267-271 / 537-543. Below 2k, calls get too small for the rows cap to
+# matter. Models with a wider FFN (BERT-base: 3072) want ~1k. CUDA (H100, MiniLM, bf16): 128 x 8k
+# tokens left the GPU waiting on the host at ~2 ms per call; 1024 x 64k tokens ran 4.6x the rows/s
+# (107k vs 23k). A CUDA OOM halves them per call (invariant 5).
 DEFAULT_MAX_ROWS = {"cpu": 128, "cuda": 1024}
-DEFAULT_MAX_TOKENS = {"cpu": 8192, "cuda": 65536}
+DEFAULT_MAX_TOKENS = {"cpu": 2048, "cuda": 65536}
 # CPU: timed with MiniLM on one core, a call costs ~20-25 ms beyond its tokens, i.e. ~120-150 tokens
 # at ~0.17 ms each (noisy; 256 errs towards fewer calls). CUDA: set high because a call below a few
 # thousand tokens leaves the device idle; config overrides both.

@@ -227,15 +227,15 @@ def test_call_overhead_defaults_by_device() -> None:
 
 
 def test_unset_limits_take_the_devices_defaults() -> None:
-    """A GPU gets ~8x wider calls than a CPU unless the config says otherwise."""
-    assert BatchLimits().for_device("cpu") == BatchLimits(128, 8192, 256)
+    """A GPU gets far wider calls than a CPU unless the config says otherwise."""
+    assert BatchLimits().for_device("cpu") == BatchLimits(128, 2048, 256)
     assert BatchLimits().for_device("cuda") == BatchLimits(1024, 65536, 4096)
     assert BatchLimits(max_rows=64).for_device("cuda") == BatchLimits(64, 65536, 4096)
     assert BatchLimits(max_tokens=512).for_device("cuda") == BatchLimits(1024, 512, 4096)
     # Unresolved limits plan (and halve) as the CPU defaults, never as "no limit".
-    assert (BatchLimits().rows, BatchLimits().tokens) == (128, 8192)
-    assert BatchLimits().halved() == BatchLimits(64, 4096)
+    assert (BatchLimits().rows, BatchLimits().tokens) == (128, 2048)
+    assert BatchLimits().halved() == BatchLimits(64, 1024)
     lengths = heavy_tailed_lengths()
     assert [b.tolist() for b in plan_batches(lengths, BatchLimits())] == [
-        b.tolist() for b in plan_batches(lengths, BatchLimits(128, 8192))
+        b.tolist() for b in plan_batches(lengths, BatchLimits(128, 2048))
     ]
