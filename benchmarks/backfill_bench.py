@@ -574,10 +574,10 @@ class _NumpyAcc(_AccParam):  # type: ignore[misc,valid-type]
 # --------------------------------------------------------------------------------------------------
 
 
-def spark_session(master: str) -> Any:
+def spark_session(master: str, conf: dict[str, str]) -> Any:
     from transforms.spark.session import get_session
 
-    return get_session(app_name="sluice-bench", master=master)
+    return get_session(app_name="sluice-bench", master=master, conf=conf)
 
 
 def spark_warmup(spark: Any, tmp: Path) -> float:
@@ -600,7 +600,7 @@ def spark_warmup(spark: Any, tmp: Path) -> float:
     return time.perf_counter() - t0
 
 
-def run_b(spark: Any, tmp: Path, items_uri: str, device: str, n_rows: int) -> dict[str, Any]:
+def run_b(spark: Any, tmp: Path, items_uri: str, device: str, n_rows: int, batching: dict[str, int]) -> dict[str, Any]:
     import pipelines.backfill as bf
     from pipelines.config import BackfillConfig, load_config
     from transforms.sinks.feast_online import FeastConfig
@@ -611,6 +611,7 @@ def run_b(spark: Any, tmp: Path, items_uri: str, device: str, n_rows: int) -> di
             "target": {"uri": str(tmp / "b_embeddings")},
             "feast": FeastConfig.local(tmp / "b").model_dump(),
             "model": {"device": device},
+            "batching": batching,
             "spark": {"progress": False},
         },
         environ={},
@@ -1111,13 +1112,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--master", default="local[2]")
+    ap.add_argument(
+        "--spark-conf",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Spark conf for (b) and (c), repeatable (e.g. spark.task.cpus=2)",
+    )
     ap.add_argument("--skip", default="", help="comma list of a1,hf,b,c,d,e to leave out ((a) always runs)")
     ap.add_argument("--no-readme", action="store_true", help="do not regenerate benchmarks/README.md")
     ap.add_argument(
         "--model-source", default=DEFAULT_TEXT_MODEL, help="ModelConfig.source (default: the packaged MiniLM)"
     )
-    ap.add_argument("--max-rows", type=int, help="BatchLimits.max_rows (default: the device's)")
-    ap.add_argument("--max-tokens", type=int, help="BatchLimits.max_tokens (default: the device's)")
+    ap.add_argument("--max-rows", type=int, help="BatchLimits.max_rows for every stage (default: the device's)")
+    ap.add_argument("--max-tokens", type=int, help="BatchLimits.max_tokens for every stage (default: the device's)")
     ap.add_argument(
         "--arrow-batch",
         type=int,
@@ -1176,6 +1184,8 @@ def main(argv: list[str] | None = None) -> int:
     tok = tokenize(enc, texts)
     tok_secs = time.perf_counter() - t0
     limits = BatchLimits(max_rows=args.max_rows, max_tokens=args.max_tokens).for_device(enc.device.type)
+    # The same flags reach (b)'s config, so every stage cuts the same batches.
+    limit_flags = {k: v for k, v in (("max_rows", args.max_rows), ("max_tokens", args.max_tokens)) if v is not None}
     plan = plan_batches(tok.lengths, limits)
     naive128 = [np.arange(i, min(i + limits.rows, n)) for i in range(0, n, limits.rows)]
     naive100 = [np.arange(i, min(i + PREDICT_BATCH_SIZE, n)) for i in range(0, n, PREDICT_BATCH_SIZE)]
@@ -1295,7 +1305,9 @@ def main(argv: list[str] | None = None) -> int:
             items_uri = str(tmp / "items")
             write_items_table(items_uri, good)
             t0 = time.perf_counter()
-            spark = spark_session(args.master)
+            spark_conf = dict(kv.split("=", 1) for kv in args.spark_conf)
+            spark = spark_session(args.master, spark_conf)
+            r["meta"]["spark_conf"] = spark_conf
             r["meta"]["spark_start_seconds"] = time.perf_counter() - t0
             r["meta"]["spark_warmup_seconds"] = spark_warmup(spark, tmp)
             r["meta"]["spark_default_parallelism"] = spark.sparkContext.defaultParallelism
@@ -1313,7 +1325,7 @@ def main(argv: list[str] | None = None) -> int:
                     r["c"] = {"error": traceback.format_exc()}
                     log("(c) failed:\n" + r["c"]["error"])
             if "b" not in skip:
-                r["b"] = run_b(spark, tmp, items_uri, args.device, n)
+                r["b"] = run_b(spark, tmp, items_uri, args.device, n, limit_flags)
                 if "error" in r["b"]:
                     log("(b) failed:\n" + r["b"]["error"])
                 else:
