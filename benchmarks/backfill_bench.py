@@ -600,7 +600,17 @@ def spark_warmup(spark: Any, tmp: Path) -> float:
     return time.perf_counter() - t0
 
 
-def run_b(spark: Any, tmp: Path, items_uri: str, device: str, n_rows: int, batching: dict[str, int]) -> dict[str, Any]:
+def run_b(
+    spark: Any,
+    tmp: Path,
+    items_uri: str,
+    device: str,
+    n_rows: int,
+    batching: dict[str, int],
+    *,
+    precision: str = "auto",
+    name: str = "b",
+) -> dict[str, Any]:
     import pipelines.backfill as bf
     from pipelines.config import BackfillConfig, load_config
     from transforms.sinks.feast_online import FeastConfig
@@ -608,9 +618,9 @@ def run_b(spark: Any, tmp: Path, items_uri: str, device: str, n_rows: int, batch
     cfg: BackfillConfig = load_config(
         overrides={
             "source": {"uri": items_uri},
-            "target": {"uri": str(tmp / "b_embeddings")},
-            "feast": FeastConfig.local(tmp / "b").model_dump(),
-            "model": {"device": device},
+            "target": {"uri": str(tmp / f"{name}_embeddings")},
+            "feast": FeastConfig.local(tmp / name).model_dump(),
+            "model": {"device": device, "precision": precision},
             "batching": batching,
             "spark": {"progress": False},
         },
@@ -781,6 +791,11 @@ def ratios(r: dict[str, Any]) -> dict[str, float | None]:
         "a_over_a_hf": div(a, rate("a_hf")),
         "e_over_a": div(rate("e"), a),
         "b_inference_over_e": div(b_inf, rate("e")),
+        # Informative: the backfill at another precision against the fp32 tight loop.
+        **{
+            f"b_{prec}_inference_over_a": div(float(bp.get("inference_rows_per_s") or 0), a)
+            for prec, bp in (r.get("b_precision") or {}).items()
+        },
     }
 
 
@@ -826,6 +841,15 @@ def results_table(r: dict[str, Any]) -> list[tuple[str, str, str]]:
             f"batch_size={c.get('batch_size')}, {c.get('partitions')} partitions" if c else "skipped",
         ),
     ]
+    for prec, bp in (r.get("b_precision") or {}).items():
+        cos = bp.get("cosine_to_a") or {}
+        rows.append(
+            (
+                f"(b'') sluice backfill, precision {prec}, inference stage / whole run",
+                f"{_f(bp.get('inference_rows_per_s'))} / {_f(bp.get('whole_rows_per_s'))}",
+                f"informative; cosine to (a) min {_f(cos.get('min'), 4)}" if "error" not in bp else "ERROR (see JSON)",
+            )
+        )
     e = r.get("e") or {}
     if e.get("rows_per_s"):
         util = e.get("gpu_util")
@@ -909,6 +933,9 @@ def ratio_table(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             ("(e) / (a) (informative)", _f(q["e_over_a"], 2), "—", ""),
             ("(b) inference / (e) (informative: what Spark costs)", _f(q.get("b_inference_over_e"), 2), "—", ""),
         ]
+    for prec in r.get("b_precision") or {}:
+        key = f"b_{prec}_inference_over_a"
+        rows.append((f"(b'') {prec} inference / (a) fp32 (informative)", _f(q.get(key), 2), "—", ""))
     if cpu:
         rows += [
             ("(d) / (a)", _f(q["d_over_a"], 2), f"≥ {t['d_over_a']}", verdict(q["d_over_a"], t["d_over_a"])),
@@ -1137,6 +1164,12 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="GPU only: comma list of process counts for (e') (e.g. 2,4): (e) in N processes sharing the GPU",
     )
+    ap.add_argument(
+        "--b-precision",
+        default="",
+        help="comma list of bf16,int8: (b) again at each of these precisions (informative; CPU: int8, or bf16 "
+        "on CPUs with AMX / AVX512-BF16)",
+    )
     ap.add_argument("--render", metavar="JSON", help="only regenerate README's section for this results file")
     args = ap.parse_args(argv)
     if args.render:
@@ -1145,6 +1178,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"regenerated {README} from {path}")
         return 0
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    b_precisions = [p.strip() for p in args.b_precision.split(",") if p.strip()]
+    if any(p not in ("bf16", "fp16", "int8") for p in b_precisions):
+        ap.error(f"--b-precision takes bf16, fp16 or int8, not {args.b_precision!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but torch sees no GPU")
 
@@ -1297,7 +1333,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Spark: (c) then (b). (c) first so its workers run torch's default thread count, as the docs'
     # recipe would; sluice sets its own per task, so the order does not favour (b).
-    if not {"b", "c"} <= skip:
+    if not {"b", "c"} <= skip or b_precisions:
         from transforms.models.artifact import resolve_artifact
 
         tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
@@ -1336,6 +1372,21 @@ def main(argv: list[str] | None = None) -> int:
                         f"(b) inference {r['b']['inference_rows_per_s']:.1f} rows/s, whole run "
                         f"{r['b']['whole_rows_per_s']:.1f} rows/s ({r['b']['total_seconds']:.1f}s)"
                     )
+            for prec in b_precisions:
+                # (b'') the same backfill at another precision: informative, what a user's config gets.
+                name = f"b_{prec}"
+                res = run_b(spark, tmp, items_uri, args.device, n, limit_flags, precision=prec, name=name)
+                if "error" in res:
+                    log(f"(b'') {prec} failed:\n" + res["error"])
+                else:
+                    emb_p = read_embeddings(str(tmp / f"{name}_embeddings"), ids)
+                    if emb_p is not None:
+                        res["cosine_to_a"] = cosine_stats(emb_p, emb_fp32)
+                    log(
+                        f"(b'') {prec}: inference {res['inference_rows_per_s']:.1f} rows/s, whole run "
+                        f"{res['whole_rows_per_s']:.1f} rows/s ({res['total_seconds']:.1f}s)"
+                    )
+                r.setdefault("b_precision", {})[prec] = res
             spark.stop()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
