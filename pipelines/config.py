@@ -62,7 +62,7 @@ class TargetConfig(_Strict):
 class BatchingConfig(_Strict):
     max_rows: int | None = Field(None, ge=1, description="rows per model call; default 128 on CPU, 1024 on GPU")
     max_tokens: int | None = Field(
-        None, ge=16, description="rows x padded length per model call; default 2048 on CPU (see transforms.batching), 65536 on GPU"
+        None, ge=16, description="rows x padded length per model call; default 2048 on CPU, 65536 on GPU"
     )
     call_overhead_tokens: int | None = Field(
         None,
