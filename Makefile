@@ -19,18 +19,20 @@ run:  ## install, create the sample items table, run the backfill on local Spark
 	if [ ! -d "$(DATA)/items/_delta_log" ]; then sluice demo-data items --table "$(DATA)/items" --rows $(ROWS); fi
 	sluice backfill --source "$(DATA)/items" --target "$(DATA)/embeddings" --mode incremental
 
-test:  ## the whole suite (unit, integration with real Spark/Delta/Feast/Redis, e2e); CI runs exactly this
+test:  ## the whole suite (unit, integration with real Spark/Delta/Feast/Redis, e2e), then lint; CI runs exactly this
 	$(BOOT)
 	$(ROOT)/infra/ensure-redis.sh
 	python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory lint
 
 test-fast:  ## unit tests only
 	$(BOOT)
 	python -m pytest -q tests/unit $(PYTEST_ARGS)
 
-lint:
+lint:  ## ruff (lint and format) and mypy: part of `make test`, so CI fails on them too
 	$(BOOT)
 	ruff check schemas transforms pipelines tests benchmarks
+	ruff format --check schemas transforms pipelines tests benchmarks
 	mypy
 
 kafka:  ## a local Kafka broker (KRaft, single node) in the foreground until Ctrl-C; data survives restarts
