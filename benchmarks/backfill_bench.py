@@ -1303,9 +1303,8 @@ def main(argv: list[str] | None = None) -> int:
         del b8
         log(f"(d) int8 {d['rows_per_s']:.1f} rows/s, cosine min {d['cosine_to_fp32']['min']:.4f}")
 
-    # (e) after (d): in a process that has run the per-task path (GX validation, the tokenizer's
-    # thread), the int8 loop ran ~15% slower than fresh while fp32 did not (2-core Xeon); (a) and (d)
-    # are both measured fresh.
+    # (e) after (d), so (a) and (d) are both measured in a process that has only run tight loops. At
+    # the old 8,192-token CPU cap, int8 ran ~15% slower after the per-task path; at 2,048 it does not.
     if "e" not in skip:
         e = run_e(model_cfg, good, ids, limits, args.arrow_batch)
         emb_e = e.pop("_emb")

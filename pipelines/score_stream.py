@@ -338,7 +338,7 @@ def _warm_source(spark: SparkSession, cfg: ScoreConfig, publisher: _BatchPublish
         topic = consumer.list_topics(k.topic, timeout=10).topics.get(k.topic)
         ranges = {}
         for p in sorted(topic.partitions if topic is not None else {}):
-            low, high = watermarks(consumer, k.topic, p, timeout_s=10, cached=False)
+            low, high = watermarks(consumer, k.topic, p, timeout_s=10)
             if high > low:
                 ranges[p] = (low, min(high, low + per_partition))
     finally:

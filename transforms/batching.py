@@ -76,10 +76,10 @@ class BatchLimits:
 # a fresh mmap, page-faulted in and unmapped again on every call (a fifth of the process's time in
 # the kernel), and int8, whose GEMMs are cheap, lost most of its gain to it. 2x Xeon (AMX) cores,
 # 3k demo rows, fp32 / int8 rows/s: 8k tokens 229-245 / 297-354, 4k 252-258 / 425-435, 2k
-# 255-268 / 527-549, 1k 267-271 / 537-543. Below 2k, calls get too small for the rows cap to
-# matter. Models with a wider FFN (BERT-base: 3072) want ~1k. CUDA (H100, MiniLM, bf16): 128 x 8k
-# tokens left the GPU waiting on the host at ~2 ms per call; 1024 x 64k tokens ran 4.6x the rows/s
-# (107k vs 23k). A CUDA OOM halves them per call (invariant 5).
+# 255-268 / 527-549, 1k 267-271 / 537-543 (about 2k's, in twice the calls). By the same arithmetic
+# a model with a wider FFN (BERT-base: 3072) wants ~1k (not measured). CUDA (H100, MiniLM, bf16):
+# 128 x 8k tokens left the GPU waiting on the host at ~2 ms per call; 1024 x 64k tokens ran 4.6x
+# the rows/s (107k vs 23k). A CUDA OOM halves them per call (invariant 5).
 DEFAULT_MAX_ROWS = {"cpu": 128, "cuda": 1024}
 DEFAULT_MAX_TOKENS = {"cpu": 2048, "cuda": 65536}
 # CPU: timed with MiniLM on one core, a call costs ~20-25 ms beyond its tokens, i.e. ~120-150 tokens

@@ -77,7 +77,8 @@ def int8_engine(flags: frozenset[str], supported: list[str], current: str) -> st
 
     torch's default on x86 packs dynamic int8 Linears for fbgemm, which does not use AMX. On an
     AMX machine (Intel Xeon, 2 cores) MiniLM's int8 forward ran 1.29-1.38x fp32 that way and
-    1.53-1.68x with oneDNN (5 interleaved runs each on 1.5k texts; cosine to fp32 min 0.9955).
+    1.53-1.68x with oneDNN (5 interleaved runs each on 1.5k texts; cosine to fp32 min 0.9955), at
+    the old 8,192-token CPU batch cap; at today's 2,048 oneDNN ran 1.93-2.15x (benchmark, 20k rows).
     Elsewhere the default stays: without AMX it was not measured.
     """
     if "amx_int8" in flags and "onednn" in supported:
