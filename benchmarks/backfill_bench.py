@@ -1179,6 +1179,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     b_precisions = [p.strip() for p in args.b_precision.split(",") if p.strip()]
+    if bad_conf := [kv for kv in args.spark_conf if "=" not in kv.strip("=")]:
+        ap.error(f"--spark-conf takes KEY=VALUE, not {bad_conf[0]!r}")
     if any(p not in ("bf16", "fp16", "int8") for p in b_precisions):
         ap.error(f"--b-precision takes bf16, fp16 or int8, not {args.b_precision!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
