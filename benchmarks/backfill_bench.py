@@ -295,14 +295,14 @@ class GpuSampler:
 # --------------------------------------------------------------------------------------------------
 
 
-def _warm_worker(spec: Any, first: Any) -> None:
+def _warm_worker(spec: Any, first: Any, cores: int | None = None) -> None:
     """What a reused Spark worker has done by its second task: GX runtime built, model loaded,
     kernels chosen (one small batch through the per-task path)."""
     from transforms import validation
     from transforms.embed_items import embed_items
 
     validation.prewarm().join()
-    embed_items(spec, first.slice(0, min(512, first.num_rows)))
+    embed_items(spec, first.slice(0, min(512, first.num_rows)), cores=cores)
 
 
 def run_e(model_cfg: ModelConfig, good: Any, ids: list[str], limits: BatchLimits, arrow_batch: int) -> dict[str, Any]:
@@ -349,7 +349,8 @@ def run_e(model_cfg: ModelConfig, good: Any, ids: list[str], limits: BatchLimits
         "seconds_by_part": {
             "tokenize (helper thread, overlapped after the first batch)": total.tokenize_seconds,
             "model (host tensors, forward, copy back)": total.model_seconds,
-            "rest on the main thread (waiting for tokens, checks, GX validation, Arrow output)": other,
+            "rest on the main thread (waiting for tokens; GX validation and Arrow output, which on a GPU "
+            "run on a second helper thread and are waited for only where the model outran them)": other,
         },
         "padding_efficiency": total.padding_efficiency,
         "model_batches": total.batches,
@@ -363,8 +364,12 @@ def run_e(model_cfg: ModelConfig, good: Any, ids: list[str], limits: BatchLimits
     }
 
 
-def _e_worker(model_json: str, limits: BatchLimits, ipc: bytes, arrow_batch: int, barrier: Any, results: Any) -> None:
-    """One of (e')'s processes: what one Spark Python worker holding a share of the GPU runs."""
+def _e_worker(
+    model_json: str, limits: BatchLimits, ipc: bytes, arrow_batch: int, cores: int, barrier: Any, results: Any
+) -> None:
+    """One of (e')'s processes: what one Spark Python worker holding a share of the GPU runs, with
+    the cores Spark would give its task (``spark.task.cpus``), so its torch and tokenizer threads
+    are sized as they would be there."""
     import pyarrow as pa
 
     from transforms.embed_items import EmbedSpec, embed_batches
@@ -373,12 +378,12 @@ def _e_worker(model_json: str, limits: BatchLimits, ipc: bytes, arrow_batch: int
     table = pa.ipc.open_stream(ipc).read_all()
     spec = EmbedSpec(model=model_cfg, source_version=0, run_id="bench-e-procs", limits=limits)
     batches = table.to_batches(max_chunksize=arrow_batch)
-    _warm_worker(spec, batches[0])
+    _warm_worker(spec, batches[0], cores=cores)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     barrier.wait()
     t0 = time.time()
-    rows = sum(o.output.num_rows for o in embed_batches(spec, batches))
+    rows = sum(o.output.num_rows for o in embed_batches(spec, batches, cores=cores))
     results.put((rows, t0, time.time()))
 
 
@@ -391,6 +396,7 @@ def run_e_procs(model_cfg: ModelConfig, good: Any, limits: BatchLimits, arrow_ba
     import pyarrow as pa
 
     ctx = mp.get_context("spawn")
+    cores = max(1, len(os.sched_getaffinity(0)) // procs)
     barrier, results = ctx.Barrier(procs + 1), ctx.Queue()
     shares = []
     table = good.select(["item_id", "text"])
@@ -402,7 +408,9 @@ def run_e_procs(model_cfg: ModelConfig, good: Any, limits: BatchLimits, arrow_ba
             w.write_table(part)
         shares.append(sink.getvalue().to_pybytes())
     workers = [
-        ctx.Process(target=_e_worker, args=(model_cfg.model_dump_json(), limits, ipc, arrow_batch, barrier, results))
+        ctx.Process(
+            target=_e_worker, args=(model_cfg.model_dump_json(), limits, ipc, arrow_batch, cores, barrier, results)
+        )
         for ipc in shares
     ]
     for w in workers:
@@ -416,6 +424,7 @@ def run_e_procs(model_cfg: ModelConfig, good: Any, limits: BatchLimits, arrow_ba
     rows = sum(d[0] for d in done)
     return {
         "processes": procs,
+        "cores_per_process": cores,
         "rows_per_s": rows / (end - start),
         "seconds": end - start,
         "rows_out": rows,
@@ -867,7 +876,8 @@ def results_table(r: dict[str, Any]) -> list[tuple[str, str, str]]:
             (
                 f"(e') embed_items in {ep['processes']} processes sharing the GPU",
                 _f(ep.get("rows_per_s")),
-                f"GPU utilisation mean {_f(util.get('mean'), 0)}%, median {_f(util.get('p50'), 0)}%",
+                (f"{ep['cores_per_process']} cores each; " if ep.get("cores_per_process") else "")
+                + f"GPU utilisation mean {_f(util.get('mean'), 0)}%, median {_f(util.get('p50'), 0)}%",
             )
         )
     if d.get("rows_per_s"):

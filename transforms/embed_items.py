@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from schemas.embeddings import embeddings_schema
 from schemas.quarantine import QUARANTINE_SCHEMA
 from transforms.batching import BatchLimits
-from transforms.inference import EncodeStats, Tokenized, encode_tokens, tokenize
+from transforms.inference import EncodeResult, EncodeStats, Tokenized, encode_tokens, tokenize
 from transforms.models.spec import ModelConfig, load_encoder
 from transforms.models.text_encoder import TextEncoder
 from transforms.validation import EmbeddingValidator
@@ -135,7 +135,12 @@ def _prepare(spec: EmbedSpec, encoder: TextEncoder, batch: pa.RecordBatch) -> _P
     return _Prepared(ids, texts, bad, checks, reasons, good, tokens, time.perf_counter() - t0)
 
 
-def _finish(spec: EmbedSpec, encoder: TextEncoder, prepared: _Prepared) -> EmbedOutcome:
+def _encode(spec: EmbedSpec, encoder: TextEncoder, prepared: _Prepared) -> EncodeResult:
+    return encode_tokens(encoder, prepared.tokens, limits=spec.limits, tokenize_seconds=prepared.tokenize_seconds)
+
+
+def _finish(spec: EmbedSpec, encoder: TextEncoder, prepared: _Prepared, result: EncodeResult) -> EmbedOutcome:
+    """Everything after the model: quarantine records, the output batch, GX validation."""
     model_name = spec.model.name or encoder.name
     now = datetime.now(UTC)
     ids, texts, good = prepared.ids, prepared.texts, prepared.good
@@ -154,8 +159,6 @@ def _finish(spec: EmbedSpec, encoder: TextEncoder, prepared: _Prepared) -> Embed
                 now=now,
             )
         )
-    result = encode_tokens(encoder, prepared.tokens, limits=spec.limits, tokenize_seconds=prepared.tokenize_seconds)
-
     if result.failed:
         failed_local = np.array(sorted(result.failed), dtype=np.int64)
         parts.append(
@@ -227,7 +230,8 @@ def embed_items(
 ) -> EmbedOutcome:
     """Embed one batch of items. ``len(output) + len(quarantine) == len(batch)``, always."""
     encoder = load_encoder(spec.model, gpu_address=gpu_address, cores=cores)
-    return _finish(spec, encoder, _prepare(spec, encoder, batch))
+    prepared = _prepare(spec, encoder, batch)
+    return _finish(spec, encoder, prepared, _encode(spec, encoder, prepared))
 
 
 def embed_batches(
@@ -236,20 +240,41 @@ def embed_batches(
     *,
     gpu_address: str | None = None,
     cores: int | None = None,
+    overlap_finish: bool | None = None,
 ) -> Iterator[EmbedOutcome]:
-    """:func:`embed_items` over a stream of batches (empty ones skipped), one outcome per batch.
+    """:func:`embed_items` over a stream of batches (empty ones skipped), one outcome per batch, in order.
 
-    Batch k+1 is checked and tokenised on a helper thread while batch k is in the model and its
-    outputs are validated. The tokenizer is Rust and releases the GIL, so this overlaps for real;
-    on a GPU it was a third of the host's time per batch, time in which the device sat idle.
+    Batch k+1 is checked and tokenised on a helper thread while batch k is in the model. The
+    tokenizer is Rust and releases the GIL, so this overlaps for real; on a GPU it was a third of
+    the host's time per batch, time in which the device sat idle.
+
+    On a GPU, batch k's validation and output building (GX, Arrow) also run on a second helper
+    thread while batch k+1 is in the model: the model loop mostly waits on the device with the
+    GIL released, so the two interleave. On a CPU the model already uses every core the task owns,
+    and the same work run alongside it only competes for them, so it stays inline there
+    (``overlap_finish`` None); True or False forces either way.
     """
     encoder = load_encoder(spec.model, gpu_address=gpu_address, cores=cores)
+    if overlap_finish is None:
+        overlap_finish = encoder.device.type != "cpu"
     pending = (b for b in batches if b.num_rows)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-tokenize") as pool:
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-tokenize") as prepare_pool,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-validate") as finish_pool,
+    ):
         first = next(pending, None)
-        ahead = pool.submit(_prepare, spec, encoder, first) if first is not None else None
+        ahead = prepare_pool.submit(_prepare, spec, encoder, first) if first is not None else None
+        finishing: Future[EmbedOutcome] | None = None
         while ahead is not None:
             prepared = ahead.result()
             following = next(pending, None)
-            ahead = pool.submit(_prepare, spec, encoder, following) if following is not None else None
-            yield _finish(spec, encoder, prepared)
+            ahead = prepare_pool.submit(_prepare, spec, encoder, following) if following is not None else None
+            result = _encode(spec, encoder, prepared)
+            if not overlap_finish:
+                yield _finish(spec, encoder, prepared, result)
+                continue
+            if finishing is not None:
+                yield finishing.result()
+            finishing = finish_pool.submit(_finish, spec, encoder, prepared, result)
+        if finishing is not None:
+            yield finishing.result()

@@ -52,11 +52,19 @@ def resolve_precision(setting: str, device: torch.device) -> Precision:
 
 def configure_threads(cores: int | None) -> int:
     """Match torch's intra-op threads to the cores this task owns, so N concurrent tasks on an
-    N-core executor do not each spawn N threads and thrash."""
+    N-core executor do not each spawn N threads and thrash.
+
+    Where a scheduler assigned ``cores``, the tokenizer's Rust thread pool (rayon, sized once, at
+    its first parallel call in the process) is held to them too, unless ``RAYON_NUM_THREADS`` is
+    already set: by default every worker's pool takes every core of the machine, so N workers
+    tokenising at once run N x machine-cores threads.
+    """
     n = cores or len(os.sched_getaffinity(0))
     n = max(1, n)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+    if cores:
+        os.environ.setdefault("RAYON_NUM_THREADS", str(n))
     return n
 
 

