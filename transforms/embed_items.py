@@ -131,7 +131,7 @@ def _prepare(spec: EmbedSpec, encoder: TextEncoder, batch: pa.RecordBatch) -> _P
     bad, checks, reasons = _input_problems(ids, texts)
     good = np.setdiff1d(np.arange(len(batch)), bad, assume_unique=True)
     t0 = time.perf_counter()
-    tokens = tokenize(encoder, texts.take(pa.array(good, type=pa.int64())).to_pylist())
+    tokens = tokenize(encoder, texts.take(pa.array(good, type=pa.int64())))
     return _Prepared(ids, texts, bad, checks, reasons, good, tokens, time.perf_counter() - t0)
 
 

@@ -3,7 +3,8 @@
 This is the engine every runner shares (Spark ``mapInArrow``, Beam ``DoFn``, the benchmark): it
 owns the parts that decide speed and robustness, so none of the adapters re-implement them.
 
-* Tokenisation happens once per call for all texts (the Rust tokenizer, in parallel), then
+* Tokenisation happens once per call for all texts (the Rust tokenizer, in parallel; plain ASCII
+  texts skip BERT's normaliser, see :mod:`transforms.tokenizing`), then
   :func:`transforms.batching.plan_batches` cuts length-sorted buckets under a token budget.
 * Each batch runs under ``inference_mode`` (and autocast on GPU); on CUDA the host tensors are
   pinned and copied without blocking, and the next batch is prepared while the GPU works.
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+import pyarrow as pa
 import torch
 
 from transforms.batching import BatchLimits, plan_batches
@@ -64,10 +66,8 @@ class Tokenized:
     lengths: npt.NDArray[np.int64]
 
 
-def tokenize(encoder: TextEncoder, texts: Sequence[str]) -> Tokenized:
-    # The _fast variant skips character offsets, which nothing here reads; the ids are the same.
-    encodings = encoder.tokenizer.encode_batch_fast(list(texts), add_special_tokens=True)
-    ids = [e.ids for e in encodings]
+def tokenize(encoder: TextEncoder, texts: Sequence[str] | pa.Array) -> Tokenized:
+    ids = encoder.batch_tokenizer.encode(texts)
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     return Tokenized(ids=ids, lengths=lengths)
 

@@ -9,6 +9,7 @@ loaded by torch's restricted loader, and pickled ``.bin`` weights are refused ou
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import logging
@@ -24,6 +25,7 @@ from transforms.errors import ConfigError, ModelLoadError
 from transforms.models import bert
 from transforms.models.artifact import ModelArtifact
 from transforms.models.device import Precision, cpu_flags, int8_engine, resolve_precision
+from transforms.tokenizing import BatchTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,11 @@ class TextEncoder:
     precision: Precision
     # True when the weights themselves are bf16/fp16 (sluice's own BERT on a GPU): no autocast then.
     half_weights: bool = False
+
+    @functools.cached_property
+    def batch_tokenizer(self) -> BatchTokenizer:
+        """``tokenizer`` for whole batches, with the plain-ASCII fast path where it applies."""
+        return BatchTokenizer(self.tokenizer)
 
     @property
     def name(self) -> str:
