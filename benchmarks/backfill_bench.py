@@ -253,6 +253,8 @@ class GpuSampler:
     def __init__(self, interval: float = 0.5) -> None:
         self.interval = interval
         self.samples: list[float] = []
+        self.times: list[float] = []  # seconds since the sampler started, one per sample
+        self._t0 = time.perf_counter()
         self.available = shutil.which("nvidia-smi") is not None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -268,11 +270,13 @@ class GpuSampler:
                 ).stdout.split()
                 if out:
                     self.samples.append(float(out[0]))
+                    self.times.append(time.perf_counter() - self._t0)
             except (OSError, subprocess.SubprocessError, ValueError):
                 pass
             self._stop.wait(self.interval)
 
     def __enter__(self) -> GpuSampler:
+        self._t0 = time.perf_counter()
         if self.available:
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
@@ -287,7 +291,16 @@ class GpuSampler:
         if not self.samples:
             return None
         s = np.asarray(self.samples)
-        return {"samples": len(s), "mean": float(s.mean()), "p50": float(np.median(s)), "max": float(s.max())}
+        # The series too: in a run of a few seconds, start-up (every worker tokenising its first
+        # batch before any GPU work) and stragglers weigh on the mean; the series shows the
+        # steady state between them.
+        return {
+            "samples": len(s),
+            "mean": float(s.mean()),
+            "p50": float(np.median(s)),
+            "max": float(s.max()),
+            "series": [[round(t, 2), u] for t, u in zip(self.times, self.samples, strict=True)],
+        }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -876,7 +889,11 @@ def results_table(r: dict[str, Any]) -> list[tuple[str, str, str]]:
             (
                 f"(e') embed_items in {ep['processes']} processes sharing the GPU",
                 _f(ep.get("rows_per_s")),
-                (f"{ep['cores_per_process']} cores each; " if ep.get("cores_per_process") else "")
+                (
+                    f"{ep['cores_per_process']} core{'s' if ep['cores_per_process'] != 1 else ''} each; "
+                    if ep.get("cores_per_process")
+                    else ""
+                )
                 + f"GPU utilisation mean {_f(util.get('mean'), 0)}%, median {_f(util.get('p50'), 0)}%",
             )
         )
@@ -1081,7 +1098,7 @@ One run measures, on the same cores and the same seeded texts
 | **(c) `predict_batch_udf`** | Spark's own recipe (`pyspark.ml.functions.predict_batch_udf`) as its docstring shows it: `make_predict_fn` loads the HF tokenizer + `AutoModel` once per worker and returns `predict`, which tokenises with `padding=True, truncation=True, max_length=256`, runs the model, mean-pools and normalises; `batch_size=100`, `return_type=ArrayType(FloatType())`. Same session, same rows (repartitioned to the core count), written to a Delta table; the write action is timed. |
 | **(d) int8** | `ModelConfig(precision="int8")` (dynamic quantisation of Linear layers, per-channel) in the same tight loop as (a); cosine to (a)'s fp32 embedding per row (min, 1st percentile, mean). CPU only. |
 | **(e) core without Spark** | `transforms.embed_items.embed_batches`, the function the Spark adapter runs per task (input checks, tokenise ahead on a helper thread, bucket, infer, validate with GX, build the output batch), over the table cut into Arrow batches of Spark's default size (10,000 rows), in one process after the warm-up a reused worker has had. (b) ÷ (e) is what Spark costs; on a GPU box without a JVM it is the backfill's per-task path measured alone. |
-| **(e') N processes on one GPU** | (e) in N processes sharing the GPU, as Spark runs N tasks per GPU with `spark.task.resource.gpu.amount = 1/N`; GPU only (`--e-procs 2,4,8`). |
+| **(e') N processes on one GPU** | (e) in N processes sharing the GPU, as Spark runs N tasks per GPU with `spark.task.resource.gpu.amount = 1/N`, each with 1/N of the cores (its `spark.task.cpus`: torch and tokenizer threads follow it); GPU only (`--e-procs 2,4,8,16`). |
 
 Padding efficiency = real tokens ÷ padded tokens, for the bucketed plan and for naive fixed-size
 batches in input order.
