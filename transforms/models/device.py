@@ -58,9 +58,13 @@ def configure_threads(cores: int | None) -> int:
     its first parallel call in the process) is held to them too, unless ``RAYON_NUM_THREADS`` is
     already set: by default every worker's pool takes every core of the machine, so N workers
     tokenising at once run N x machine-cores threads.
+
+    Without ``cores`` (a library caller, the driver) the caller's own setting is kept, only capped
+    at the cores this process may run on: resetting it would silently undo a
+    ``torch.set_num_threads(1)`` made before loading.
     """
-    n = cores or len(os.sched_getaffinity(0))
-    n = max(1, n)
+    available = max(1, len(os.sched_getaffinity(0)))
+    n = max(1, cores) if cores else min(torch.get_num_threads(), available)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     if cores:

@@ -136,6 +136,22 @@ def test_configure_threads(monkeypatch: pytest.MonkeyPatch) -> None:
         torch.set_num_threads(before)
 
 
+def test_configure_threads_without_cores_keeps_the_callers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert configure_threads(None) == 1
+        assert torch.get_num_threads() == 1
+        load_encoder(ModelConfig())  # the library path: no scheduler-assigned cores
+        assert torch.get_num_threads() == 1
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+        torch.set_num_threads(8)
+        assert configure_threads(None) == 2  # capped at the cores this process may use
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_configure_threads_keeps_an_explicit_tokenizer_pool_size(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RAYON_NUM_THREADS", "3")
     before = torch.get_num_threads()
