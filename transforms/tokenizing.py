@@ -70,37 +70,32 @@ class BatchTokenizer:
     def has_plain_path(self) -> bool:
         return self._plain is not None
 
-    def _full(self, texts: list[str]) -> list[list[int]]:
-        # The _fast variant skips character offsets, which nothing here reads; the ids are the same.
-        return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=True)]
-
     def encode(self, texts: Sequence[str] | pa.Array | pa.ChunkedArray) -> list[list[int]]:
         arr = texts if isinstance(texts, (pa.Array, pa.ChunkedArray)) else pa.array(list(texts), pa.string())
         if self._plain is None or len(arr) == 0:
-            return self._full(arr.to_pylist())
+            return _ids(self.tokenizer, arr.to_pylist())
         # Case-insensitive, so an added token is found in any case the lowercasing could map onto it.
-        plain_mask = pc.and_(
+        plain = pc.and_(
             pc.string_is_ascii(arr),
             pc.invert(pc.match_substring_regex(arr, self._plain.excluded, ignore_case=True)),
         )
-        plain_mask = pc.fill_null(plain_mask, False)
-        plain_rows = np.flatnonzero(plain_mask.to_numpy(zero_copy_only=False))
-        if len(plain_rows) == len(arr):
-            rest_rows = np.empty(0, dtype=np.intp)
-        else:
-            rest_rows = np.flatnonzero(~plain_mask.to_numpy(zero_copy_only=False))
-        plain_texts = arr.filter(plain_mask)
+        mask = pc.fill_null(plain, False).to_numpy(zero_copy_only=False)
+        plain_texts = arr.filter(pa.array(mask))
         if self._plain.lowercase:
             plain_texts = pc.ascii_lower(plain_texts)
-        plain_ids = [
-            e.ids for e in self._plain.tokenizer.encode_batch_fast(plain_texts.to_pylist(), add_special_tokens=True)
-        ]
-        if not len(rest_rows):
+        plain_ids = _ids(self._plain.tokenizer, plain_texts.to_pylist())
+        if mask.all():
             return plain_ids
+        rest_rows = np.flatnonzero(~mask)
+        rest_ids = _ids(self.tokenizer, arr.take(pa.array(rest_rows, pa.int64())).to_pylist())
         ids: list[list[int]] = [[] for _ in range(len(arr))]
-        for row, seq in zip(plain_rows.tolist(), plain_ids, strict=True):
+        for row, seq in zip(np.flatnonzero(mask).tolist(), plain_ids, strict=True):
             ids[row] = seq
-        rest = self._full(arr.take(pa.array(rest_rows, pa.int64())).to_pylist())
-        for row, seq in zip(rest_rows.tolist(), rest, strict=True):
+        for row, seq in zip(rest_rows.tolist(), rest_ids, strict=True):
             ids[row] = seq
         return ids
+
+
+def _ids(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    # The _fast variant skips character offsets, which nothing here reads; the ids are the same.
+    return [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=True)]

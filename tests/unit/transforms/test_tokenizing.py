@@ -106,3 +106,10 @@ def test_another_pre_tokenizer_keeps_newlines_on_the_full_path(tokenizer: Tokeni
     bt = BatchTokenizer(spaced)
     texts = ["one\ntwo", "one two", "tab\there", "plain text"]
     assert bt.encode(texts) == reference(spaced, texts)
+
+
+def test_an_added_token_of_any_content_keeps_its_text_on_the_full_path(tokenizer: Tokenizer) -> None:
+    custom = Tokenizer.from_str(tokenizer.to_str())
+    custom.add_tokens(["<Brand Name>", "sku-42"])
+    texts = ["buy <brand name> now", "buy <Brand Name> now", "SKU-42 in stock", "plain text", "Café"]
+    assert BatchTokenizer(custom).encode(texts) == reference(custom, texts)
