@@ -1008,13 +1008,17 @@ def results_table(r: dict[str, Any]) -> list[tuple[str, str, str]]:
             (
                 f"(e') embed_items in {ep['processes']} processes" + (" sharing the GPU" if util else ""),
                 _f(ep.get("rows_per_s")),
-                (
-                    f"{ep['cores_per_process']} core{'s' if ep['cores_per_process'] != 1 else ''} each; "
-                    if ep.get("cores_per_process")
-                    else ""
-                )
-                + (
-                    f"GPU utilisation mean {_f(util.get('mean'), 0)}%, median {_f(util.get('p50'), 0)}%" if util else ""
+                "; ".join(
+                    (
+                        [f"{ep['cores_per_process']} core{'s' if ep['cores_per_process'] != 1 else ''} each"]
+                        if ep.get("cores_per_process")
+                        else []
+                    )
+                    + (
+                        [f"GPU utilisation mean {_f(util.get('mean'), 0)}%, median {_f(util.get('p50'), 0)}%"]
+                        if util
+                        else []
+                    )
                 ),
             )
         )
@@ -1239,68 +1243,9 @@ def results_markdown(r: dict[str, Any], json_name: str) -> str:
     return "\n".join(parts)
 
 
-README_HEAD = """# Benchmarks
-
-## `backfill_bench.py`: how close the backfill gets to the model's own limit
-
-One run measures, on the same cores and the same seeded texts
-(`pipelines.demo_data.generate_items(rows, seed=7)`, rows with null/empty text dropped):
-
-| row | what it measures |
-|---|---|
-| **(a) model limit** | The encoder from `load_encoder(ModelConfig())` in a tight loop: texts tokenised once (`transforms.inference.tokenize`), cut into length-sorted batches by `plan_batches` with the default `BatchLimits()`, all padded tensors built *before* the clock starts; only forward + pooling (+ normalise) under `torch.inference_mode` is timed. One process, all cores. DESIGN.md calls this the reference point: a job's efficiency is its rows/s ÷ this. |
-| **(a') threads=1** | The same with `torch.set_num_threads(1)`: what one core does; the Spark tasks run one torch thread each. |
-| **(b) sluice backfill** | `pipelines.backfill.run_backfill` on `local[2]` (session created and warmed first, so JVM start is excluded: the warm-up runs a Delta write and one Arrow Python job per core, importing nothing of the model's, so worker imports and model loads are counted): Delta source → `mapInArrow` inference → Delta MERGE + Feast SQLite. *Inference stage* = `summary.rows_per_second` (the persisted inference job only); *whole run* = `rows_in / total_seconds` (pre-flight, counts, MERGE, online write included). The script wraps (never changes) the backfill's steps to report where the time went. |
-| **(c) `predict_batch_udf`** | Spark's own recipe (`pyspark.ml.functions.predict_batch_udf`) as its docstring shows it: `make_predict_fn` loads the HF tokenizer + `AutoModel` once per worker and returns `predict`, which tokenises with `padding=True, truncation=True, max_length=256`, runs the model, mean-pools and normalises; `batch_size=100`, `return_type=ArrayType(FloatType())`. Same session, same rows (repartitioned to the core count), written to a Delta table; the write action is timed. |
-| **(d) int8** | `ModelConfig(precision="int8")` (dynamic quantisation of Linear layers, per-channel) in the same tight loop as (a); cosine to (a)'s fp32 embedding per row (min, 1st percentile, mean). CPU only. |
-| **(e) core without Spark** | `transforms.embed_items.embed_batches`, the function the Spark adapter runs per task (input checks, tokenise ahead on a helper thread, bucket, infer, validate with GX, build the output batch), over the table cut into Arrow batches of Spark's default size (10,000 rows), in one process after the warm-up a reused worker has had. (b) ÷ (e) is what Spark costs; on a GPU box without a JVM it is the backfill's per-task path measured alone. |
-| **(e') N processes** | (e) in N processes, each with 1/N of the cores (its `spark.task.cpus`: torch and tokenizer threads follow it), as Spark runs N tasks at once per executor (`--e-procs 2,4,8,16`). On a GPU they share it, as with `spark.task.resource.gpu.amount = 1/N`; on a CPU it is (b)'s process layout without Spark. |
-| **(a) again** | (a) re-measured right after (b) (and (b'')), in the same process on the same batches; `--skip a2` leaves it out. The box drifts by more than the 10% the target leaves, so (b) is judged against the limit on both sides of it. |
-
-Padding efficiency = real tokens ÷ padded tokens, for the bucketed plan and for naive fixed-size
-batches in input order.
-
-Targets (from the issue), on CPU:
-
-* (b) ≥ 0.9 × (a)
-* (b) ≥ 3 × (c)
-* (d) ≥ 1.5 × (a), with cosine to fp32 ≥ 0.99
-
-### Reading the numbers
-
-This box drifts: (a) alone, repeated back to back, stays within ±2% over minutes, but between
-runs minutes apart it has read 241-278 rows/s. Hence (a) is measured again right after (b), and
-(b) is given against both. For (b), the JSON also has the CPU seconds each process used while it
-ran (`cpu_seconds`: this driver process, the JVM, the JVM's Python workers, from `/proc`), so time
-the workers lost to the driver or the JVM is seen, not guessed.
-
-On a busy machine one process with N torch threads suffers most (its
-threads wait for each other at every op), so (a) can fall below (a'); the informative row
-(b) ÷ (cores × (a')) compares the backfill with what its one-thread tasks could reach at best.
-PySpark sets `OMP_NUM_THREADS` to `spark.task.cpus` (1) in its workers, so (c) also runs one torch
-thread per task. (b) and (c) are checked against (a)'s fp32 embeddings (cosine, in the JSON), so
-all three do the same work.
-
-### Running it
-
-```bash
-export HF_HUB_OFFLINE=1 SLUICE_SPARK_JARS=...   # as `make install` sets up
-python benchmarks/backfill_bench.py --rows 2000 --out benchmarks/results
-python benchmarks/backfill_bench.py --rows 100000 --device cuda --skip b,c,a1 --e-procs 2,4,8   # GPU box
-python benchmarks/backfill_bench.py --render benchmarks/results/backfill-....json   # README section only
-```
-
-`--rows` sets the table size (default 2000: ~3 minutes on 2 cores; 20000, the demo table's size, ~20 minutes, most of it (c)); `--skip c,d`
-leaves measurements out; `--device cuda` runs (a), (b), (c) and (e) on the GPU (bf16, as the
-pipeline does), skips (d), samples `nvidia-smi` utilisation during (b), (c), (e) and (e'), and
-re-embeds 2,000 rows in fp32 on the CPU to check the GPU's output against. `--model-source` points
-at another copy of the model (the GPU box gets the packaged weights through a carried directory),
-`--max-rows/--max-tokens` override the device's default batch limits.
-Each run writes `results/backfill-<cpu-or-gpu>-<date>.json` (machine facts, CPU flags, load
-average, every figure) and regenerates its section below (CPU and GPU runs have one each). The numbers are only as quiet as the machine: the load
-average at start and end is recorded so a noisy run can be recognised.
-
-"""  # noqa: E501 (Markdown table rows cannot wrap)
+#: Only for a README that does not exist yet: the row definitions and how to read them are
+#: maintained in benchmarks/README.md itself, above the generated sections.
+README_HEAD = "# Benchmarks\n\n"
 
 
 def write_readme(r: dict[str, Any], json_name: str) -> None:
