@@ -312,7 +312,9 @@ _CLK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def _proc_table() -> dict[int, tuple[int, str, float]]:
-    """pid -> (parent pid, command name, CPU seconds used) for every process we can read."""
+    """pid -> (parent pid, command name, CPU seconds) for every process we can read. A process's
+    seconds include its reaped children's (``cutime``/``cstime``): a worker that exits mid-window
+    moves its time to its parent instead of taking it out of the sum."""
     out: dict[int, tuple[int, str, float]] = {}
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if not entry.isdigit():
@@ -324,14 +326,15 @@ def _proc_table() -> dict[int, tuple[int, str, float]]:
         # The name is in parentheses and may hold spaces; the fields after it are space-separated.
         name = raw[raw.index("(") + 1 : raw.rindex(")")]
         fields = raw[raw.rindex(")") + 2 :].split()
-        out[int(entry)] = (int(fields[1]), name, (int(fields[11]) + int(fields[12])) / _CLK)
+        # fields[11:15]: utime, stime, cutime, cstime (stat fields 14-17).
+        out[int(entry)] = (int(fields[1]), name, sum(int(x) for x in fields[11:15]) / _CLK)
     return out
 
 
 def cpu_by_group() -> dict[str, float]:
     """CPU seconds so far of this process (the Spark driver's Python side), the JVM it started, and
-    the JVM's Python workers (daemon and forked workers; their exited children's time counts once
-    reaped). On a box where the workers should own every core, anything else is stolen from them."""
+    the JVM's Python workers (the daemon and its forked workers). On a box where the workers should
+    own every core, what the other two use while the inference stage runs is taken from them."""
     return group_cpu(_proc_table(), os.getpid())
 
 

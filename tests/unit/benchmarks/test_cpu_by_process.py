@@ -45,3 +45,15 @@ def test_a_window_is_the_difference_between_the_nearest_samples() -> None:
         (11.0, {"jvm": 1.6, "python workers": 2.0}),
     ]
     assert sampler.window(10.45, 11.2) == {"jvm": 0.1, "python workers": 1.0, "wall": 0.5}
+
+
+def test_a_reaped_childs_time_stays_in_the_table() -> None:
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs Linux /proc")
+    import subprocess
+    import sys
+
+    before = backfill_bench._proc_table()[os.getpid()][2]
+    subprocess.run([sys.executable, "-c", "sum(i * i for i in range(3_000_000))"], check=True)
+    after = backfill_bench._proc_table()[os.getpid()][2]
+    assert after - before >= 0.05  # the child's ~0.1-0.3 s now counts under this process
