@@ -34,7 +34,12 @@ def test_reads_this_process_from_proc() -> None:
     ppid, _, secs = table[os.getpid()]
     assert ppid == os.getppid()
     assert secs > 0
-    assert backfill_bench.cpu_by_group()["jvm"] == 0.0
+    # Whatever else runs (a session-wide Spark fixture's JVM may be this process's child), the
+    # driver's figure is this process's own.
+    groups = backfill_bench.cpu_by_group()
+    assert set(groups) == {"driver python (this process)", "jvm", "python workers"}
+    assert groups["driver python (this process)"] >= secs
+    assert all(v >= 0 for v in groups.values())
 
 
 def test_a_window_is_the_difference_between_the_nearest_samples() -> None:
