@@ -1043,76 +1043,43 @@ def ratio_table(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     q = r["ratios"]
     d = r.get("d") or {}
     cos_min = (d.get("cosine_to_fp32") or {}).get("min")
-    cpu = r["meta"]["device"] == "cpu"
     t = TARGETS
+
+    def target(label: str, value: float | None, goal: float, digits: int = 2) -> tuple[str, str, str, str]:
+        return (label, _f(value, digits), f"≥ {goal}", verdict(value, goal))
+
+    def info(label: str, value: float | None) -> tuple[str, str, str, str]:
+        return (label, _f(value, 2), "—", "")
+
     rows = [
-        (
-            "(b) inference / (a)",
-            _f(q["b_inference_over_a"], 2),
-            f"≥ {t['b_over_a']}",
-            verdict(q["b_inference_over_a"], t["b_over_a"]),
-        ),
-        (
-            "(b) whole run / (a)",
-            _f(q["b_whole_over_a"], 2),
-            f"≥ {t['b_over_a']}",
-            verdict(q["b_whole_over_a"], t["b_over_a"]),
-        ),
+        target("(b) inference / (a)", q["b_inference_over_a"], t["b_over_a"]),
+        target("(b) whole run / (a)", q["b_whole_over_a"], t["b_over_a"]),
     ]
     if q.get("a_after_over_a") is not None:
         rows += [
-            (
-                "(b) inference / (a) re-measured after (b)",
-                _f(q["b_inference_over_a_after"], 2),
-                f"≥ {t['b_over_a']}",
-                verdict(q["b_inference_over_a_after"], t["b_over_a"]),
-            ),
-            (
-                "(b) whole run / (a) re-measured after (b)",
-                _f(q["b_whole_over_a_after"], 2),
-                f"≥ {t['b_over_a']}",
-                verdict(q["b_whole_over_a_after"], t["b_over_a"]),
-            ),
-            ("(a) after / (a) before (informative: drift)", _f(q["a_after_over_a"], 2), "—", ""),
+            target("(b) inference / (a) re-measured after (b)", q["b_inference_over_a_after"], t["b_over_a"]),
+            target("(b) whole run / (a) re-measured after (b)", q["b_whole_over_a_after"], t["b_over_a"]),
+            info("(a) after / (a) before (informative: drift)", q["a_after_over_a"]),
         ]
     rows += [
-        (
-            f"(b) inference / ({r['meta']['cores_available']} × (a')) (informative)",
-            _f(q["b_inference_over_cores_x_a1"], 2),
-            "—",
-            "",
+        info(
+            f"(b) inference / ({r['meta']['cores_available']} × (a')) (informative)", q["b_inference_over_cores_x_a1"]
         ),
-        (
-            "(a) sluice's BERT / (a-hf) transformers' (informative)",
-            _f(q.get("a_over_a_hf"), 2),
-            "—",
-            "",
-        ),
-        (
-            "(b) inference / (c)",
-            _f(q["b_inference_over_c"], 2),
-            f"≥ {t['b_over_c']}",
-            verdict(q["b_inference_over_c"], t["b_over_c"]),
-        ),
-        (
-            "(b) whole run / (c)",
-            _f(q["b_whole_over_c"], 2),
-            f"≥ {t['b_over_c']}",
-            verdict(q["b_whole_over_c"], t["b_over_c"]),
-        ),
+        info("(a) sluice's BERT / (a-hf) transformers' (informative)", q.get("a_over_a_hf")),
+        target("(b) inference / (c)", q["b_inference_over_c"], t["b_over_c"]),
+        target("(b) whole run / (c)", q["b_whole_over_c"], t["b_over_c"]),
     ]
     if q.get("e_over_a") is not None:
         rows += [
-            ("(e) / (a) (informative)", _f(q["e_over_a"], 2), "—", ""),
-            ("(b) inference / (e) (informative: what Spark costs)", _f(q.get("b_inference_over_e"), 2), "—", ""),
+            info("(e) / (a) (informative)", q["e_over_a"]),
+            info("(b) inference / (e) (informative: what Spark costs)", q.get("b_inference_over_e")),
         ]
     for prec in r.get("b_precision") or {}:
-        key = f"b_{prec}_inference_over_a"
-        rows.append((f"(b'') {prec} inference / (a) fp32 (informative)", _f(q.get(key), 2), "—", ""))
-    if cpu:
+        rows.append(info(f"(b'') {prec} inference / (a) fp32 (informative)", q.get(f"b_{prec}_inference_over_a")))
+    if r["meta"]["device"] == "cpu":
         rows += [
-            ("(d) / (a)", _f(q["d_over_a"], 2), f"≥ {t['d_over_a']}", verdict(q["d_over_a"], t["d_over_a"])),
-            ("(d) cosine to fp32, min", _f(cos_min, 4), f"≥ {t['d_cosine_min']}", verdict(cos_min, t["d_cosine_min"])),
+            target("(d) / (a)", q["d_over_a"], t["d_over_a"]),
+            target("(d) cosine to fp32, min", cos_min, t["d_cosine_min"], digits=4),
         ]
     return rows
 
