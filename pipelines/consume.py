@@ -330,12 +330,31 @@ class ConsumerRunner:
         """Resume each partition at the group's committed offset, else after Delta's record."""
         self._settle(in_callback=True)
         self.summary.rebalances += 1
-        self._resume_positions(consumer, partitions)
+        self._resume_positions_when_known(consumer, partitions)
         log.info(
             "partitions assigned",
             extra={"partitions": {f"{p.topic}[{p.partition}]": p.offset for p in partitions}},
         )
         consumer.assign(partitions)
+
+    def _resume_positions_when_known(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """:meth:`_resume_positions`, retried while the coordinator cannot tell (it is restarting,
+        loading its offsets) for up to ``kafka.outage_tolerance_s``: a guess would lose or repeat a batch."""
+        from confluent_kafka import KafkaException
+
+        deadline = time.monotonic() + self.cfg.kafka.outage_tolerance_s
+        while True:
+            try:
+                self._resume_positions(consumer, partitions)
+                return
+            except (SourceError, KafkaException) as exc:
+                if time.monotonic() >= deadline:
+                    raise SourceError(
+                        f"cannot tell where to resume {', '.join(f'{p.topic}[{p.partition}]' for p in partitions)}"
+                        f" within kafka.outage_tolerance_s ({self.cfg.kafka.outage_tolerance_s:g} s): {exc}"
+                    ) from exc
+                log.warning("cannot tell where to resume the assigned partitions yet: %s", exc)
+                time.sleep(1.0)
 
     def _resume_positions(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Set each partition's offset to where this group resumes it (module docs)."""
@@ -347,6 +366,12 @@ class ConsumerRunner:
         self._quarantine.refresh(tps)
         self._scores.refresh_published(tps)
         committed = consumer.committed(partitions, timeout=10)
+        # A partition the broker answered with an error has an offset of -1001 too: taking that for
+        # "no committed offset" would resume after Delta's published record, which lags the group's
+        # offsets by a batch, and publish that batch a second time.
+        failed = [f"{c.topic}[{c.partition}]: {c.error.str()}" for c in committed if c.error is not None]
+        if failed:
+            raise SourceError(f"cannot read the group's committed offsets of {', '.join(failed)}")
         for p, c in zip(partitions, committed, strict=True):
             if c.offset == OFFSET_INVALID or c.offset < 0:
                 published = self._scores.published(p.topic, p.partition)

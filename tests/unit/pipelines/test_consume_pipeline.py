@@ -195,3 +195,89 @@ def test_a_fatal_consumer_error_rejoins_with_a_new_consumer_a_few_times_then_sto
     with pytest.raises(SourceError, match="is another consumer running with instance id test-0"):
         runner._restart_consumer("again")
     assert runner.summary.consumers_recreated == 3
+
+
+class _Offsets:
+    """The Delta sinks' side of ``_resume_positions``: what the scores table records as published."""
+
+    def __init__(self, published: dict[tuple[str, int], int]) -> None:
+        self._published = published
+
+    def refresh(self, tps: Any) -> None:
+        pass
+
+    def refresh_published(self, tps: Any) -> None:
+        pass
+
+    def published(self, topic: str, partition: int) -> int | None:
+        return self._published.get((topic, partition))
+
+
+class _Committed:
+    def __init__(self, topic: str, partition: int, offset: int, error: Any = None) -> None:
+        self.topic, self.partition, self.offset, self.error = topic, partition, offset, error
+
+
+class _OffsetsConsumer(_Consumer):
+    """Answers ``committed()`` with the given rounds of results, one round per call."""
+
+    def __init__(self, rounds: list[list[_Committed]]) -> None:
+        super().__init__()
+        self.rounds = rounds
+        self.calls = 0
+
+    def committed(self, partitions: list[Any], timeout: float) -> list[_Committed]:
+        self.calls += 1
+        return self.rounds.pop(0)
+
+
+def _resume_runner(tmp_path: Any, published: dict[tuple[str, int], int], **kafka: Any) -> ConsumerRunner:
+    runner, _ = _runner(tmp_path, pipelined=False, kafka=kafka)
+    runner._scores = _Offsets(published)  # type: ignore[assignment]
+    runner._quarantine = _Offsets({})  # type: ignore[assignment]
+    return runner
+
+
+def test_a_partition_without_committed_offset_resumes_after_what_delta_records_as_published(tmp_path: Any) -> None:
+    from confluent_kafka import TopicPartition
+
+    runner = _resume_runner(tmp_path, {("t", 1): 41})
+    consumer = _OffsetsConsumer([[_Committed("t", 0, 500), _Committed("t", 1, -1001)]])
+    parts = [TopicPartition("t", 0), TopicPartition("t", 1)]
+    runner._resume_positions(consumer, parts)  # type: ignore[arg-type]
+    assert [p.offset for p in parts] == [500, 42]
+
+
+def test_an_offset_the_broker_could_not_return_is_not_taken_for_no_offset(tmp_path: Any) -> None:
+    """An error comes back with offset -1001 as well: resuming after Delta's published record then
+    would repeat the batch that Delta has not recorded as published yet."""
+    from confluent_kafka import KafkaError, TopicPartition
+
+    runner = _resume_runner(tmp_path, {("t", 0): 41})
+    load = KafkaError(KafkaError.COORDINATOR_LOAD_IN_PROGRESS)
+    consumer = _OffsetsConsumer([[_Committed("t", 0, -1001, load)]])
+    parts = [TopicPartition("t", 0)]
+    with pytest.raises(SourceError, match=r"committed offsets of t\[0\]: .*[Ll]oad"):
+        runner._resume_positions(consumer, parts)  # type: ignore[arg-type]
+    assert parts[0].offset < 0, "no position may be set from a failed answer"
+
+
+def test_an_assignment_waits_for_the_committed_offsets_within_the_outage_tolerance(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from confluent_kafka import KafkaError, TopicPartition
+
+    clock = [0.0]
+    monkeypatch.setattr("pipelines.consume.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("pipelines.consume.time.sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    load = KafkaError(KafkaError.COORDINATOR_LOAD_IN_PROGRESS)
+    runner = _resume_runner(tmp_path, {("t", 0): 41}, outage_tolerance_s=30)
+    consumer = _OffsetsConsumer([[_Committed("t", 0, -1001, load)]] * 3 + [[_Committed("t", 0, 500)]])
+    parts = [TopicPartition("t", 0)]
+    runner._resume_positions_when_known(consumer, parts)  # type: ignore[arg-type]
+    assert parts[0].offset == 500 and consumer.calls == 4
+
+    runner = _resume_runner(tmp_path, {("t", 0): 41}, outage_tolerance_s=5)
+    consumer = _OffsetsConsumer([[_Committed("t", 0, -1001, load)]] * 10)
+    with pytest.raises(SourceError, match=r"resume t\[0\] within kafka.outage_tolerance_s \(5 s\)"):
+        runner._resume_positions_when_known(consumer, [TopicPartition("t", 0)])  # type: ignore[arg-type]
