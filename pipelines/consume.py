@@ -29,7 +29,10 @@ published to Kafka*: each Delta commit also carries, per partition, the offsets 
 transaction had committed by then (app id ``...:kafka:<topic>:<partition>``). Resuming after the
 offsets of the *rows* in Delta instead would skip the dead letters and scores-topic messages of a
 batch that crashed between its Delta commit and its Kafka commit. With neither, it starts at the
-beginning: nothing of this group reached Kafka, and Delta skips the rows it already holds. SIGTERM/SIGINT
+beginning: nothing of this group reached Kafka, and Delta skips the rows it already holds. An offset
+the broker fails to return (its coordinator restarting) is asked for again, up to
+``kafka.outage_tolerance_s``, never taken for "none": Delta's record lags the group's offsets by a
+batch, and resuming there would publish that batch twice. SIGTERM/SIGINT
 drain: the batch in hand is finished and committed, the consumer leaves the group, the process
 prints its summary and exits 0. A transactional id fenced by a newer instance means another
 process took this one's place: it stops without committing. Any other failed batch (the broker
