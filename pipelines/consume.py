@@ -65,7 +65,6 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from pipelines import heap
 from pipelines.score_config import ScoreConfig
 from pipelines.step_times import StepClock
 from schemas.scores import (
@@ -75,6 +74,7 @@ from schemas.scores import (
     SCORES_QUARANTINE_SCHEMA,
     SCORES_SCHEMA,
 )
+from transforms import heap
 from transforms.crashpoints import crash_point
 from transforms.errors import SinkError, SourceError
 from transforms.score_requests import RequestScorer, ScoreOutcome, ScoreStats, ScoringSpec

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import gc
 
-from pipelines import heap
+from transforms import heap
 
 
 def test_freeze_puts_live_objects_out_of_the_collectors_reach_and_unfreeze_gives_them_back() -> None:
