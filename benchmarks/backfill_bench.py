@@ -730,6 +730,25 @@ def spark_warmup(spark: Any, tmp: Path) -> float:
     return time.perf_counter() - t0
 
 
+def fresh_session_b(
+    args: argparse.Namespace, good: Any, n_rows: int, batching: dict[str, int], conf: dict[str, str], *, name: str
+) -> dict[str, Any]:
+    """(b) once more, as the first (b) ran: a new Spark session (the previous one stopped, so new
+    Python workers that import GX and load the model again), warmed up the same way, new tables."""
+    tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
+    try:
+        items_uri = str(tmp / "items")
+        write_items_table(items_uri, good)
+        spark = spark_session(args.master, conf)
+        try:
+            spark_warmup(spark, tmp)
+            return run_b(spark, tmp, items_uri, args.device, n_rows, batching, name=name)
+        finally:
+            spark.stop()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def run_b(
     spark: Any,
     tmp: Path,
@@ -940,6 +959,41 @@ def ratios(r: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
+def alternation(a_rates: Sequence[float], b_runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """(b) run ``k`` against the mean of (a) measured just before and just after it.
+
+    ``a_rates`` holds one more figure than ``b_runs``: the sequence ran a, b, a, b, ..., a. The box
+    drifts by more than the 10% the target leaves, so a single (a) cannot judge a (b) minutes away
+    from it; the median over rounds, each with its own neighbours, can.
+    """
+    if len(a_rates) != len(b_runs) + 1:
+        raise ValueError(f"alternation needs one (a) more than (b)s: {len(a_rates)} (a), {len(b_runs)} (b)")
+    rounds = []
+    for k, b in enumerate(b_runs):
+        limit = (a_rates[k] + a_rates[k + 1]) / 2
+        rounds.append(
+            {
+                "a_before": a_rates[k],
+                "a_after": a_rates[k + 1],
+                "b_inference": b["inference_rows_per_s"],
+                "b_whole": b["whole_rows_per_s"],
+                "inference_over_a": b["inference_rows_per_s"] / limit,
+                "whole_over_a": b["whole_rows_per_s"] / limit,
+            }
+        )
+
+    def spread(key: str) -> dict[str, float]:
+        xs = [x[key] for x in rounds]
+        return {"median": float(np.median(xs)), "min": min(xs), "max": max(xs)}
+
+    return {
+        "rounds": rounds,
+        "inference_over_a": spread("inference_over_a"),
+        "whole_over_a": spread("whole_over_a"),
+        "a_range": [min(a_rates), max(a_rates)],
+    }
+
+
 def _f(x: Any, nd: int = 1) -> str:
     if x is None:
         return "—"
@@ -1061,6 +1115,21 @@ def ratio_table(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             target("(b) whole run / (a) re-measured after (b)", q["b_whole_over_a_after"], t["b_over_a"]),
             info("(a) after / (a) before (informative: drift)", q["a_after_over_a"]),
         ]
+    alt = r.get("alternation")
+    if alt:
+        n = len(alt["rounds"])
+        rows += [
+            target(
+                f"(b) inference / mean of the (a)s either side, median of {n} rounds",
+                alt["inference_over_a"]["median"],
+                t["b_over_a"],
+            ),
+            target(
+                f"(b) whole run / mean of the (a)s either side, median of {n} rounds",
+                alt["whole_over_a"]["median"],
+                t["b_over_a"],
+            ),
+        ]
     rows += [
         info(
             f"(b) inference / ({r['meta']['cores_available']} × (a')) (informative)", q["b_inference_over_cores_x_a1"]
@@ -1117,6 +1186,23 @@ def print_report(r: dict[str, Any]) -> None:
             ),
         ],
     )
+    alt = r.get("alternation")
+    if alt:
+        show(
+            ("round", "(a) before", "(b) inference", "(b) whole", "(a) after", "inference ÷ (a)", "whole ÷ (a)"),
+            [
+                (
+                    str(k),
+                    _f(x["a_before"]),
+                    _f(x["b_inference"]),
+                    _f(x["b_whole"]),
+                    _f(x["a_after"]),
+                    _f(x["inference_over_a"], 3),
+                    _f(x["whole_over_a"], 3),
+                )
+                for k, x in enumerate(alt["rounds"], 1)
+            ],
+        )
     e = r.get("e") or {}
     if e.get("seconds_by_part"):
         show(("(e) seconds by part", "seconds"), [(k, _f(v, 2)) for k, v in e["seconds_by_part"].items()])
@@ -1163,6 +1249,37 @@ def results_markdown(r: dict[str, Any], json_name: str) -> str:
         f"({p['bucketed_batches']} batches) vs naive {p['limits']['max_rows']}-row batches {p['naive_128']:.3f} "
         f"and naive {PREDICT_BATCH_SIZE}-row batches {p['naive_100']:.3f}.",
     ]
+    alt = r.get("alternation")
+    if alt:
+        parts += [
+            "",
+            f"(a) and (b) alternated ({len(alt['rounds'])} rounds; each (b) in a fresh Spark session, so its "
+            "workers import and load everything again; each judged against the mean of the (a)s either side):",
+            "",
+            md_table(
+                (
+                    "round",
+                    "(a) before",
+                    "(b) inference",
+                    "(b) whole run",
+                    "(a) after",
+                    "inference ÷ (a)",
+                    "whole ÷ (a)",
+                ),
+                [
+                    (
+                        str(k),
+                        _f(x["a_before"]),
+                        _f(x["b_inference"]),
+                        _f(x["b_whole"]),
+                        _f(x["a_after"]),
+                        _f(x["inference_over_a"], 3),
+                        _f(x["whole_over_a"], 3),
+                    )
+                    for k, x in enumerate(alt["rounds"], 1)
+                ],
+            ),
+        ]
     if "error" in b:
         last = b["error"].strip().splitlines()[-1]
         parts += ["", f"(b) failed: `{last}` (traceback in the JSON)."]
@@ -1280,6 +1397,13 @@ def main(argv: list[str] | None = None) -> int:
         help="comma list of bf16,int8: (b) again at each of these precisions (informative; CPU: int8, or bf16 "
         "on CPUs with AMX / AVX512-BF16)",
     )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run (b) N times, each in a fresh Spark session, with (a) measured before, between and after: "
+        "each (b) is judged against the mean of the (a)s either side, and the median ratio is reported",
+    )
     ap.add_argument("--render", metavar="JSON", help="only regenerate README's section for this results file")
     args = ap.parse_args(argv)
     if args.render:
@@ -1293,9 +1417,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--spark-conf takes KEY=VALUE, not {bad_conf[0]!r}")
     if any(p not in ("bf16", "fp16", "int8") for p in b_precisions):
         ap.error(f"--b-precision takes bf16, fp16 or int8, not {args.b_precision!r}")
+    if args.rounds < 1 or (args.rounds > 1 and {"a2", "b"} & skip):
+        ap.error("--rounds takes N >= 1, and more than one round needs (b) and a2 (not in --skip)")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but torch sees no GPU")
 
+    spark_conf = dict(kv.split("=", 1) for kv in args.spark_conf)
     t_run = time.perf_counter()
     now = _dt.datetime.now(_dt.UTC)
     meta = {
@@ -1456,7 +1583,6 @@ def main(argv: list[str] | None = None) -> int:
             items_uri = str(tmp / "items")
             write_items_table(items_uri, good)
             t0 = time.perf_counter()
-            spark_conf = dict(kv.split("=", 1) for kv in args.spark_conf)
             spark = spark_session(args.master, spark_conf)
             r["meta"]["spark_conf"] = spark_conf
             r["meta"]["spark_start_seconds"] = time.perf_counter() - t0
@@ -1513,6 +1639,24 @@ def main(argv: list[str] | None = None) -> int:
         a2["cosine_to_a"] = cosine_stats(a2.pop("_emb"), emb_fp32)
         r["a_after"] = a2
         log(f"(a) again, after Spark: {a2['rows_per_s']:.1f} rows/s ({a2['seconds']:.1f}s)")
+    if args.rounds > 1 and "a_after" in r and "error" not in r["b"]:
+        a_rates = [r["a"]["rows_per_s"], r["a_after"]["rows_per_s"]]
+        b_runs = [r["b"]]
+        for k in range(2, args.rounds + 1):
+            res = fresh_session_b(args, good, n, limit_flags, spark_conf, name=f"b_round{k}")
+            if "error" in res:
+                log(f"(b) round {k} failed:\n" + res["error"])
+                break
+            ak = tight_loop(enc, batches, n)
+            ak.pop("_emb")
+            a_rates.append(ak["rows_per_s"])
+            b_runs.append(res)
+            log(
+                f"round {k}: (b) inference {res['inference_rows_per_s']:.1f} rows/s, whole "
+                f"{res['whole_rows_per_s']:.1f}; (a) after it {ak['rows_per_s']:.1f}"
+            )
+        r["alternation"] = alternation(a_rates[: len(b_runs) + 1], b_runs)
+        r["b_rounds"] = b_runs[1:]
     del batches
 
     r["ratios"] = ratios(r)
