@@ -1153,6 +1153,24 @@ def ratio_table(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def rounds_table(alt: dict[str, Any]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """Header and rows of the alternated (a)/(b) rounds, for the console and the README alike."""
+    header = ("round", "(a) before", "(b) inference", "(b) whole run", "(a) after", "inference ÷ (a)", "whole ÷ (a)")
+    rows = [
+        (
+            str(k),
+            _f(x["a_before"]),
+            _f(x["b_inference"]),
+            _f(x["b_whole"]),
+            _f(x["a_after"]),
+            _f(x["inference_over_a"], 3),
+            _f(x["whole_over_a"], 3),
+        )
+        for k, x in enumerate(alt["rounds"], 1)
+    ]
+    return header, rows
+
+
 def md_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -1188,21 +1206,7 @@ def print_report(r: dict[str, Any]) -> None:
     )
     alt = r.get("alternation")
     if alt:
-        show(
-            ("round", "(a) before", "(b) inference", "(b) whole", "(a) after", "inference ÷ (a)", "whole ÷ (a)"),
-            [
-                (
-                    str(k),
-                    _f(x["a_before"]),
-                    _f(x["b_inference"]),
-                    _f(x["b_whole"]),
-                    _f(x["a_after"]),
-                    _f(x["inference_over_a"], 3),
-                    _f(x["whole_over_a"], 3),
-                )
-                for k, x in enumerate(alt["rounds"], 1)
-            ],
-        )
+        show(*rounds_table(alt))
     e = r.get("e") or {}
     if e.get("seconds_by_part"):
         show(("(e) seconds by part", "seconds"), [(k, _f(v, 2)) for k, v in e["seconds_by_part"].items()])
@@ -1256,29 +1260,7 @@ def results_markdown(r: dict[str, Any], json_name: str) -> str:
             f"(a) and (b) alternated ({len(alt['rounds'])} rounds; each (b) in a fresh Spark session, so its "
             "workers import and load everything again; each judged against the mean of the (a)s either side):",
             "",
-            md_table(
-                (
-                    "round",
-                    "(a) before",
-                    "(b) inference",
-                    "(b) whole run",
-                    "(a) after",
-                    "inference ÷ (a)",
-                    "whole ÷ (a)",
-                ),
-                [
-                    (
-                        str(k),
-                        _f(x["a_before"]),
-                        _f(x["b_inference"]),
-                        _f(x["b_whole"]),
-                        _f(x["a_after"]),
-                        _f(x["inference_over_a"], 3),
-                        _f(x["whole_over_a"], 3),
-                    )
-                    for k, x in enumerate(alt["rounds"], 1)
-                ],
-            ),
+            md_table(*rounds_table(alt)),
         ]
     if "error" in b:
         last = b["error"].strip().splitlines()[-1]

@@ -157,6 +157,19 @@ def _check_sequences(table: pa.Table) -> None:
         assert seqs == list(range(len(seqs))), f"user {user}: sequence numbers have gaps or repeats: {seqs[:20]}"
 
 
+def check_run_outputs(report: ProduceReport, *, bootstrap: str, tmp: Path, topic: str) -> dict[str, Any]:
+    """:func:`check_outputs` on the tables and topics the recovery tests' configs name for ``topic``:
+    ``tmp/scores`` (+ ``_quarantine``), ``<topic>.scores`` and ``<topic>.dlq``."""
+    return check_outputs(
+        report,
+        bootstrap=bootstrap,
+        target=tmp / "scores",
+        quarantine=tmp / "scores_quarantine",
+        scores_topic=f"{topic}.scores",
+        dlq_topic=f"{topic}.dlq",
+    )
+
+
 def write_config(path: Path, **sections: Any) -> Path:
     path.write_text(yaml.safe_dump(sections, sort_keys=False))
     return path

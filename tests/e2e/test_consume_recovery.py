@@ -22,25 +22,13 @@ import pytest
 from pipelines.demo_ad_requests import ProduceReport, produce_ad_requests
 from pipelines.dev_kafka import KafkaBroker
 from tests.e2e.conftest import sluice_bin
-from tests.e2e.scoring_checks import check_outputs, write_config
+from tests.e2e.scoring_checks import check_run_outputs, write_config
 from tests.fixtures.kafka_broker import unique_topic
 from transforms.kafka_admin import ensure_topics
 
 pytestmark = pytest.mark.slow
 
 PARTITIONS = 4
-
-
-def _check(kafka: KafkaBroker, tmp_path: Path, topic: str, report: ProduceReport) -> dict[str, Any]:
-    """:func:`check_outputs` on the tables and topics :func:`_config` names for ``topic``."""
-    return check_outputs(
-        report,
-        bootstrap=kafka.bootstrap,
-        target=tmp_path / "scores",
-        quarantine=tmp_path / "scores_quarantine",
-        scores_topic=f"{topic}.scores",
-        dlq_topic=f"{topic}.dlq",
-    )
 
 
 def _config(
@@ -131,7 +119,7 @@ def test_sigkill_at_random_moments_while_events_flow(
         proc.wait()
     producer.join()
     _finish(config)
-    counts = _check(kafka, tmp_path, topic, report["r"])
+    counts = check_run_outputs(report["r"], bootstrap=kafka.bootstrap, tmp=tmp_path, topic=topic)
     assert counts["delta"] + counts["quarantined"] == report["r"].valid
 
 
@@ -163,7 +151,7 @@ def test_every_crash_point_replays_exactly_once(kafka: KafkaBroker, ctr_artifact
         )
         assert crashed.returncode == 137, f"{point}: {crashed.stderr[-3000:]}"
     _finish(config)
-    _check(kafka, tmp_path, topic, report)
+    check_run_outputs(report, bootstrap=kafka.bootstrap, tmp=tmp_path, topic=topic)
 
 
 def test_sigterm_drains_and_exits_zero_with_compaction_running(
@@ -187,7 +175,7 @@ def test_sigterm_drains_and_exits_zero_with_compaction_running(
     assert "stop requested" in summary["stopped_because"]
     assert summary["compactions"] >= 2, summary
     _finish(config)
-    _check(kafka, tmp_path, topic, report)
+    check_run_outputs(report, bootstrap=kafka.bootstrap, tmp=tmp_path, topic=topic)
 
 
 def test_broker_restart_mid_stream_loses_nothing(kafka: KafkaBroker, ctr_artifact: Path, tmp_path: Path) -> None:
@@ -233,7 +221,7 @@ def test_broker_restart_mid_stream_loses_nothing(kafka: KafkaBroker, ctr_artifac
         if proc.poll() is None:  # a hung consumer must not outlive the test
             proc.kill()
     try:
-        _check(kafka, tmp_path, topic, report["r"])
+        check_run_outputs(report["r"], bootstrap=kafka.bootstrap, tmp=tmp_path, topic=topic)
     except AssertionError as exc:  # the outage's path through the runner is timing-dependent: show it
         raise AssertionError(f"{exc}\nthe consumer's log, but for reconnect noise:\n{_outage_log(log_file)}") from exc
 
@@ -279,7 +267,7 @@ def test_a_consumer_joining_mid_stream_splits_the_partitions_and_each_event_is_s
     done = [json.loads(s.read_text()) for s in summaries]
     assert all(d["stats"]["records"] > 0 for d in done), "one consumer got no partitions"
     assert done[0]["rebalances"] >= 2, done[0]
-    _check(kafka, tmp_path, topic, report["r"])
+    check_run_outputs(report["r"], bootstrap=kafka.bootstrap, tmp=tmp_path, topic=topic)
 
 
 def test_a_group_that_lost_its_offsets_resumes_after_what_delta_records_as_published(
@@ -309,4 +297,4 @@ def test_a_group_that_lost_its_offsets_resumes_after_what_delta_records_as_publi
                 raise
             time.sleep(1)
     _finish(config)
-    _check(kafka, tmp_path, topic, report)
+    check_run_outputs(report, bootstrap=kafka.bootstrap, tmp=tmp_path, topic=topic)

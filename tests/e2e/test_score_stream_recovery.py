@@ -16,7 +16,7 @@ import pytest
 from pipelines.demo_ad_requests import produce_ad_requests
 from pipelines.dev_kafka import KafkaBroker
 from tests.e2e.conftest import sluice_bin
-from tests.e2e.scoring_checks import check_outputs, write_config
+from tests.e2e.scoring_checks import check_run_outputs, write_config
 from tests.fixtures.kafka_broker import unique_topic
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
@@ -49,17 +49,6 @@ def _run(
     )
 
 
-def _check(report: Any, kafka: KafkaBroker, tmp: Path, topic: str) -> dict[str, Any]:
-    return check_outputs(
-        report,
-        bootstrap=kafka.bootstrap,
-        target=tmp / "scores",
-        quarantine=tmp / "scores_quarantine",
-        scores_topic=f"{topic}.scores",
-        dlq_topic=f"{topic}.dlq",
-    )
-
-
 def test_available_now_scores_everything_once(kafka: KafkaBroker, ctr_artifact: Path, tmp_path: Path) -> None:
     topic = unique_topic("ads")
     report = produce_ad_requests(
@@ -68,10 +57,10 @@ def test_available_now_scores_everything_once(kafka: KafkaBroker, ctr_artifact: 
     config = _config(tmp_path, kafka.bootstrap, topic, ctr_artifact)
     done = _run(config, "--trigger", "availableNow", "--summary-json", str(tmp_path / "s.json"))
     assert done.returncode == 0, done.stderr[-4000:]
-    _check(report, kafka, tmp_path, topic)
+    check_run_outputs(report, bootstrap=kafka.bootstrap, tmp=tmp_path, topic=topic)
     again = _run(config, "--trigger", "availableNow")  # nothing new: a no-op, not a duplicate
     assert again.returncode == 0, again.stderr[-4000:]
-    _check(report, kafka, tmp_path, topic)
+    check_run_outputs(report, bootstrap=kafka.bootstrap, tmp=tmp_path, topic=topic)
 
 
 def test_driver_crash_points_replay_exactly_once(kafka: KafkaBroker, ctr_artifact: Path, tmp_path: Path) -> None:
@@ -87,7 +76,7 @@ def test_driver_crash_points_replay_exactly_once(kafka: KafkaBroker, ctr_artifac
         assert crashed.returncode == 137, f"{point}: {crashed.stderr[-4000:]}"
     done = _run(config, "--trigger", "availableNow")
     assert done.returncode == 0, done.stderr[-4000:]
-    _check(report, kafka, tmp_path, topic)
+    check_run_outputs(report, bootstrap=kafka.bootstrap, tmp=tmp_path, topic=topic)
 
 
 def test_driver_sigkilled_repeatedly_then_restarted_from_the_checkpoint(
@@ -112,4 +101,4 @@ def test_driver_sigkilled_repeatedly_then_restarted_from_the_checkpoint(
         proc.wait()
     done = _run(config, "--trigger", "availableNow")
     assert done.returncode == 0, done.stderr[-4000:]
-    _check(report, kafka, tmp_path, topic)
+    check_run_outputs(report, bootstrap=kafka.bootstrap, tmp=tmp_path, topic=topic)
