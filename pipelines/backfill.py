@@ -323,7 +323,7 @@ def run_backfill(
     target_published = False
     try:
         t_inf = time.perf_counter()
-        with stage_progress(spark, "embedding", total_rows=n_in, enabled=cfg.spark.progress):
+        with stage_progress(spark, "embedding", total_rows=n_in, tasks=parts, enabled=cfg.spark.progress):
             counts = {(r[STATUS], r["stage"]): r["count"] for r in embedded.groupBy(STATUS, "stage").count().collect()}
         summary.inference_seconds = time.perf_counter() - t_inf
         stats: dict[str, Any] = acc.value
