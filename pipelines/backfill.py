@@ -167,12 +167,29 @@ def _calibration_sample(spark: SparkSession, cfg: BackfillConfig, source: delta_
 ROWS_PER_TASK = 4096
 
 
-def _in_background(fn: Callable[[], None]) -> Future[None]:
+def _in_background(fn: Callable[[], None], *, on_error: Callable[[BaseException], None]) -> Future[None]:
+    """Run ``fn`` on a thread of its own; ``on_error`` runs (on that thread) if it raises."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-prepare")
     try:
-        return pool.submit(fn)
+        future = pool.submit(fn)
     finally:
         pool.shutdown(wait=False)  # the thread finishes its one call, then exits
+
+    def check(done: Future[None]) -> None:
+        exc = done.exception()
+        if exc is not None:
+            on_error(exc)
+
+    future.add_done_callback(check)
+    return future
+
+
+def _first_failure(*steps: Future[None] | None) -> BaseException | None:
+    """The error of a background step that failed, if any: the story when a run stops."""
+    for step in steps:
+        if step is not None and step.done() and step.exception() is not None:
+            return step.exception()
+    return None
 
 
 def _partitions(cfg: BackfillConfig, spark: SparkSession, rows: int) -> int:
@@ -312,16 +329,33 @@ def run_backfill(
     # reachable, so the registration runs on a driver thread while the executors embed, and is
     # waited for (its error raised) before anything is published.
     sink = online_sink(cfg.feast, cfg.target.uri, dim) if cfg.feast and feast_on else None
-    feast_ready = _in_background(sink.apply) if sink is not None else None
+
+    # Jobs this thread starts from here on carry the run's tag (tags are per thread), so a failed
+    # background step cancels this run's jobs and nothing else the application runs.
+    run_tag = f"sluice-backfill-{run_id}"
+
+    def stop_embedding(exc: BaseException) -> None:
+        # The run cannot publish now: stop the executors instead of embedding for nothing (hours,
+        # on a big table); the step's own error is raised below in place of Spark's cancellation.
+        log.error("a preparation step failed; cancelling the run's Spark jobs", extra={"error": str(exc)})
+        spark.sparkContext.cancelJobsWithTag(run_tag)
+
+    feast_ready = _in_background(sink.apply, on_error=stop_embedding) if sink is not None else None
     # Creating a new target takes three Spark SQL round trips (seconds) on the driver: they run
     # while the executors embed. If the run then publishes nothing (quality gate, an error), the
     # table this run created is removed again, so a failed first run leaves no target behind.
     new_target = not delta_lineage.table_exists(cfg.target.uri, cfg.target.storage_options)
     target_ready = (
-        _in_background(lambda: delta_io.ensure_embeddings_table(spark, cfg.target.uri, dim)) if new_target else None
+        _in_background(lambda: delta_io.ensure_embeddings_table(spark, cfg.target.uri, dim), on_error=stop_embedding)
+        if new_target
+        else None
     )
     target_published = False
+    spark.sparkContext.addJobTag(run_tag)
     try:
+        failed = _first_failure(feast_ready, target_ready)  # before the jobs it would have cancelled
+        if failed is not None:
+            raise failed
         t_inf = time.perf_counter()
         with stage_progress(spark, "embedding", total_rows=n_in, tasks=parts, enabled=cfg.spark.progress):
             counts = {(r[STATUS], r["stage"]): r["count"] for r in embedded.groupBy(STATUS, "stage").count().collect()}
@@ -408,12 +442,16 @@ def run_backfill(
         if sink is not None and summary.rows_out:
             summary.online_written = write_online(ok_rows, sink, rows=summary.rows_out)
         crash_point("after_online_write")
-    except BaseException:
+    except BaseException as exc:
         if target_ready is not None and not target_published:
             _wait_quietly(target_ready)
             delta_io.remove_if_empty(cfg.target.uri)
+        cause = _first_failure(feast_ready, target_ready)
+        if cause is not None and cause is not exc:
+            raise cause from None  # not "job cancelled": why it was
         raise
     finally:
+        spark.sparkContext.removeJobTag(run_tag)
         embedded.unpersist()
         counted.unpersist()
     summary.total_seconds = time.perf_counter() - t_start

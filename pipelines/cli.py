@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -26,6 +26,9 @@ if __package__ in (None, ""):
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transforms.errors import SluiceError
+
+if TYPE_CHECKING:
+    from transforms.sinks.feast_online import FeastConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -46,19 +49,19 @@ app.add_typer(dev_app, name="dev")
 app.add_typer(models_app, name="models")
 
 
+def _feast_beside_target(given: FeastConfig | None, target: str, *, enabled: bool | None) -> FeastConfig | None:
+    """A job's Feast config: off with ``--no-feast``; else the keys its config set over the local
+    registry and SQLite store beside the target, which is where ``sluice lookup`` looks for them."""
+    from transforms.sinks.feast_online import FeastConfig
+
+    if enabled is False:
+        return None
+    return FeastConfig.for_table(target, given.model_dump(exclude_unset=True) if given is not None else None)
+
+
 def _fail(exc: SluiceError) -> NoReturn:
     typer.echo(f"sluice: error: {exc}", err=True)
     raise typer.Exit(exc.exit_code)
-
-
-def _default_feast(target: str) -> dict[str, Any]:
-    """Local runs keep the Feast registry and SQLite store next to the target table."""
-    base = Path(target).parent if "://" not in target else Path("data")
-    feast_dir = base / "feast"
-    return {
-        "registry": str(feast_dir / "registry.db"),
-        "online_store": {"type": "sqlite", "path": str(feast_dir / "online.db")},
-    }
 
 
 @demo_app.command("items")
@@ -171,12 +174,7 @@ def backfill(
         from pipelines.config import BackfillConfig
 
         cfg = load_config(config, overrides=overrides, schema=BackfillConfig)
-        if cfg.feast is None and feast is not False:
-            from transforms.sinks.feast_online import FeastConfig
-
-            cfg = cfg.model_copy(update={"feast": FeastConfig.model_validate(_default_feast(cfg.target.uri))})
-        elif cfg.feast is not None and feast is False:
-            cfg = cfg.model_copy(update={"feast": None})
+        cfg = cfg.model_copy(update={"feast": _feast_beside_target(cfg.feast, cfg.target.uri, enabled=feast)})
         from pipelines.backfill import preflight, run_backfill
         from pipelines.summary import as_json, render
         from transforms.spark.session import get_session
@@ -346,14 +344,9 @@ def _score_overrides(
 def _load_score_config(config: Path | None, overrides: dict[str, Any], feast: bool | None) -> Any:
     from pipelines.config import load_config
     from pipelines.score_config import ScoreConfig
-    from transforms.sinks.feast_online import FeastConfig
 
     cfg = load_config(config, overrides=overrides, schema=ScoreConfig)
-    if cfg.feast is None and feast is not False:
-        cfg = cfg.model_copy(update={"feast": FeastConfig.model_validate(_default_feast(cfg.target.uri))})
-    elif cfg.feast is not None and feast is False:
-        cfg = cfg.model_copy(update={"feast": None})
-    return cfg
+    return cfg.model_copy(update={"feast": _feast_beside_target(cfg.feast, cfg.target.uri, enabled=feast)})
 
 
 @app.command("consume")
@@ -466,17 +459,12 @@ def lookup_item(
     full: Annotated[bool, typer.Option("--full", help="print whole vectors")] = False,
 ) -> None:
     """Print the vectors Feast serves for these items (as a serving client would read them)."""
-    import yaml
-
     from transforms.sinks.feast_online import FeastConfig, FeastOnlineSink
 
     try:
-        feast_cfg = None
-        if config is not None:
-            feast_section = (yaml.safe_load(config.read_text()) or {}).get("feast")
-            if feast_section:
-                feast_cfg = FeastConfig.model_validate(feast_section)
-        feast_cfg = feast_cfg or FeastConfig.model_validate(_default_feast(target))
+        feast_cfg = (
+            FeastConfig.from_file(config, table_uri=target) if config is not None else FeastConfig.next_to(target)
+        )
         sink = FeastOnlineSink(feast_cfg, embeddings_table_uri=target, dim=1)
         rows = sink.lookup(ids)
     except SluiceError as exc:

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import os
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -39,7 +40,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from schemas.embeddings import KEY_COLUMN, VECTOR_COLUMN
-from transforms.errors import SinkError
+from transforms.errors import ConfigError, SinkError
 from transforms.sinks.feast_repo import (
     EVENT_TIMESTAMP_COLUMN,
     FEATURES,
@@ -167,6 +168,48 @@ class FeastConfig(BaseModel):
         """:meth:`local` beside a job's target table (``data/`` for a remote one): where the CLI's
         jobs keep Feast unless their config says otherwise."""
         return cls.local(Path("data") if _is_uri(table_uri) else Path(table_uri).parent, **overrides)
+
+    @classmethod
+    def for_table(cls, table_uri: str, given: Mapping[str, Any] | None = None) -> FeastConfig:
+        """The keys a user set (``given``: a config's ``feast`` section) over :meth:`next_to`.
+
+        A section that names only a view, a project or a Redis store keeps the registry beside the
+        table, where the job's lookups look; one that names a registry is taken as it is.
+        """
+        fields = dict(given or {})
+        if "registry" in fields:
+            return cls.model_validate(fields)
+        return cls.next_to(table_uri, **fields)
+
+    @classmethod
+    def from_file(cls, path: Path, *, table_uri: str) -> FeastConfig:
+        """:meth:`for_table` from the ``feast`` section of a job's YAML config (lookups read the
+        job's own config file, so they find the store and view the job wrote)."""
+        import yaml
+        from pydantic import ValidationError
+
+        try:
+            document = yaml.safe_load(path.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+        section = document.get("feast") if isinstance(document, dict) else None
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(f"config {path}: feast must be a mapping")
+        try:
+            return cls.for_table(table_uri, section)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise ConfigError(f"config {path}: feast.{where}: {first['msg']}") from exc
+
+
+def _same_table(a: str, b: str) -> bool:
+    def norm(uri: str) -> str:
+        return uri.rstrip("/") if _is_uri(uri) else os.path.normpath(os.path.abspath(uri))
+
+    return norm(a) == norm(b)
 
 
 def _is_uri(location: str) -> bool:
@@ -358,11 +401,38 @@ class FeastViewSink(abc.ABC):
         """
         self.check_reachable()
         feast = self._live()
+        self._check_view_serves_this_table(feast)
         with self._translate_errors("registering the feature view"):
             feast.store.apply([*feast.entities, feast.view], partial=True)
         with self._translate_errors("reading back from the store"):
             probe = self._entity_key(["__sluice_connectivity_probe__"] * len(self.join_keys))
             feast.provider.online_read(feast.repo_config, feast.view, [probe], [self.features[0]])
+
+    def _check_view_serves_this_table(self, feast: _Feast) -> None:
+        """Refuse to re-point a registered view at another table.
+
+        A view serves one table: its online rows are that table's, and its batch source is what
+        ``feast materialize`` rebuilds them from. Two targets next to each other share the default
+        registry and view name, and applying silently moved the view to the second table while
+        its rows overwrote the first's, so lookups for the first served the second's vectors.
+        """
+        from feast.errors import FeatureViewNotFoundException
+
+        try:
+            with self._translate_errors("reading the registry"):
+                registered = feast.store.get_feature_view(self._view_name, allow_registry_cache=False)
+        except SinkError as exc:
+            if isinstance(exc.__cause__, FeatureViewNotFoundException):
+                return
+            raise
+        theirs = getattr(registered.batch_source, "path", None)
+        if theirs is None or _same_table(theirs, self._table_uri):
+            return
+        raise SinkError(
+            f"Feast feature view {self._view_name!r} in registry {self._config.registry} already serves {theirs}, "
+            f"not {self._table_uri}: give this table its own view (feast.feature_view or feast.registry), or, "
+            f"if the table moved, delete the view first (FeatureStore.delete_feature_view)"
+        )
 
     def write(self, batch: pa.RecordBatch | pa.Table) -> int:
         """Upsert the rows of ``batch``; returns the number of rows written to the store."""
@@ -397,6 +467,8 @@ class FeastViewSink(abc.ABC):
         whole seconds (all Feast's SQLite store keeps, and what its ``to_dict`` serves from Redis).
         """
         feast = self._live()
+        # A view registered for another table would answer with that table's rows.
+        self._check_view_serves_this_table(feast)
         refs = [f"{self._view_name}:{name}" for name in self.features]
         out: list[dict[str, Any] | None] = []
         for start in range(0, len(keys), LOOKUP_CHUNK_IDS):

@@ -27,7 +27,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from transforms.errors import ConfigError
 from transforms.sinks.feast_online import WRITE_CHUNK_ROWS, FeastConfig, FeastViewSink, OnlineRow, protobuf_varint
 from transforms.sinks.feast_repo import (
     AD_KEY_COLUMN,
@@ -175,7 +174,9 @@ def lookup_ad_score(user: str, ad: str, *, target: str = "data/scores", config: 
     ``target`` scores table. Always has ``user_id``, ``ad_id`` and ``found``; when found, also
     ``score``, ``model_version`` and ``scored_at`` (ISO 8601, UTC).
     """
-    feast_config = (_feast_config_of(config) if config is not None else None) or FeastConfig.next_to(target)
+    feast_config = (
+        FeastConfig.from_file(config, table_uri=target) if config is not None else FeastConfig.next_to(target)
+    )
     (row,) = FeastScoresSink(feast_config, scores_table_uri=target).lookup([(user, ad)])
     out: dict[str, Any] = {USER_KEY_COLUMN: user, AD_KEY_COLUMN: ad, "found": row is not None}
     if row is not None:
@@ -188,25 +189,3 @@ def lookup_ad_score(user: str, ad: str, *, target: str = "data/scores", config: 
             }
         )
     return out
-
-
-def _feast_config_of(path: Path) -> FeastConfig | None:
-    """The ``feast`` section of a job config file, or ``None`` when it has none."""
-    import yaml
-    from pydantic import ValidationError
-
-    try:
-        document = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
-    section = document.get("feast") if isinstance(document, dict) else None
-    if not section:
-        return None
-    try:
-        return FeastConfig.model_validate(section)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise ConfigError(f"config {path}: feast.{where}: {first['msg']}") from exc

@@ -194,6 +194,33 @@ def test_bad_inputs_fail_before_writing(spark, tmp_path, items) -> None:
     assert not DeltaTable.is_deltatable(str(tmp_path / "embeddings"))
 
 
+def test_a_second_target_beside_the_first_cannot_take_over_its_feature_view(
+    spark, tmp_path, items, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The default Feast registry lives beside the target, so two targets in one directory share
+    it: the second run once re-pointed the view and overwrote the first's online rows."""
+    first = _cfg(tmp_path)
+    run_backfill(first, spark)
+    assert first.feast is not None
+    sink = FeastOnlineSink(first.feast, embeddings_table_uri=first.target.uri, dim=384)
+    ids = _target(tmp_path).column("item_id").to_pylist()
+    before = sink.lookup(ids)
+
+    second = _cfg(tmp_path, target={"uri": str(tmp_path / "embeddings_b")})
+    with pytest.raises(SinkError, match=r"already serves .*/embeddings, not .*/embeddings_b: give this table"):
+        run_backfill(second, spark)
+
+    # The refusal stopped the embedding jobs and published nothing anywhere.
+    assert any("cancelling the run's Spark jobs" in r.getMessage() for r in caplog.records)
+    assert not DeltaTable.is_deltatable(second.target.uri)
+    assert not DeltaTable.is_deltatable(second.target.quarantine)
+    assert sink.lookup(ids) == before
+    # The session is fine after the cancellation, and the same target with its own view runs.
+    assert second.feast is not None
+    own = second.model_copy(update={"feast": second.feast.model_copy(update={"feature_view": "item_embeddings_b"})})
+    assert run_backfill(own, spark).rows_out == len(_good_ids(items))
+
+
 def test_redis_profile_serves_the_same_vectors_as_delta(spark, tmp_path, items, redis_server) -> None:
     feast = FeastConfig.local(tmp_path, online_store={"type": "redis", "connection_string": redis_server})
     cfg = _cfg(tmp_path, feast=feast.model_dump())

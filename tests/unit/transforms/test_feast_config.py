@@ -140,3 +140,21 @@ def test_config_and_sink_import_without_feast() -> None:
         "assert not [n for n in sys.modules if n == 'feast' or n.startswith(('feast.', 'redis'))], 'feast imported'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
+
+
+def test_for_table_puts_what_the_config_left_out_beside_the_table(tmp_path: Path) -> None:
+    table = str(tmp_path / "embeddings")
+    assert FeastConfig.for_table(table) == FeastConfig.next_to(table)
+    # A config naming only its view (a second target beside the first) keeps the store the
+    # lookups of that target look in.
+    own_view = FeastConfig.for_table(table, {"feature_view": "item_embeddings_b"})
+    assert own_view == FeastConfig.local(tmp_path, feature_view="item_embeddings_b")
+    redis = FeastConfig.for_table(table, {"online_store": {"type": "redis", "connection_string": "h:6379"}})
+    assert redis.registry == str(tmp_path / "feast" / "registry.db")
+    assert redis.online_store == RedisOnlineStoreConfig(type="redis", connection_string="h:6379")
+
+
+def test_for_table_takes_a_named_registry_as_it_is(tmp_path: Path) -> None:
+    cfg = FeastConfig.for_table(str(tmp_path / "embeddings"), {"registry": "/srv/feast/registry.db"})
+    assert cfg.registry == "/srv/feast/registry.db"
+    assert cfg.online_store == SqliteOnlineStoreConfig(path="/srv/feast/online.db")

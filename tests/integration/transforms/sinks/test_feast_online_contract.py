@@ -598,3 +598,43 @@ def test_embeddings_and_scores_share_one_store_and_registry(
 
     _assert_rows(embeddings.lookup(ids), ids, vectors)
     _assert_scores(make_scores_sink().lookup(pairs), pairs, scores)
+
+
+def test_a_second_table_cannot_take_over_a_registered_view(store_config: FeastConfig, tmp_path: Path) -> None:
+    """Two targets side by side share the default registry and view name: applying for the second
+    once re-pointed the view and overwrote the first table's rows, so its lookups served another
+    table's vectors. Now the second is refused, and the first's rows stay as they were."""
+    first = _applied(FeastOnlineSink(store_config, embeddings_table_uri=str(tmp_path / "a" / "embeddings"), dim=DIM))
+    ids, vectors = _ids(5), _vectors(5, seed=41)
+    first.write(_batch(ids, vectors))
+    other = tmp_path / "b" / "embeddings"
+
+    with pytest.raises(SinkError) as err:
+        FeastOnlineSink(store_config, embeddings_table_uri=str(other), dim=DIM).apply()
+
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"already serves {tmp_path / 'a' / 'embeddings'}, not {other}" in message
+    assert "feast.feature_view" in message
+    _assert_rows(first.lookup(ids), ids, vectors)
+    # Its own view name makes room for it, in the same store and registry.
+    own = store_config.model_copy(update={"feature_view": "item_embeddings_b"})
+    _applied(FeastOnlineSink(own, embeddings_table_uri=str(other), dim=DIM))
+    # The same table, named with a trailing slash or through "..", is the same table.
+    _applied(FeastOnlineSink(store_config, embeddings_table_uri=f"{tmp_path}/b/../a/embeddings/", dim=DIM))
+
+
+def test_a_second_scores_table_cannot_take_over_the_scores_view(
+    store_config: FeastConfig, tmp_path: Path, make_scores_sink: ScoresSinkFactory
+) -> None:
+    make_scores_sink().apply()
+    with pytest.raises(SinkError, match=r"'ad_scores' .* already serves .*/scores, not .*/elsewhere"):
+        FeastScoresSink(store_config, scores_table_uri=str(tmp_path / "elsewhere")).apply()
+
+
+def test_lookups_for_a_table_the_view_does_not_serve_are_refused(store_config: FeastConfig, tmp_path: Path) -> None:
+    """``sluice lookup item --target B`` must not print table A's vectors as B's."""
+    first = _applied(FeastOnlineSink(store_config, embeddings_table_uri=str(tmp_path / "a"), dim=DIM))
+    first.write(_batch(_ids(3), _vectors(3, seed=43)))
+    with pytest.raises(SinkError, match=r"already serves .*/a, not .*/b"):
+        FeastOnlineSink(store_config, embeddings_table_uri=str(tmp_path / "b"), dim=DIM).lookup(_ids(3))
