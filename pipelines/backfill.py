@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
     from pipelines.config import BackfillConfig
+    from transforms.sinks.feast_online import FeastOnlineSink
 
 log = logging.getLogger("sluice.backfill")
 JOB = "backfill"
@@ -64,6 +65,8 @@ class BackfillSummary:
     rows_deleted: int = 0
     quarantined: dict[str, int] = field(default_factory=dict)
     online_written: int = 0
+    #: Items the run's commit deleted from the embeddings table that the online store had.
+    online_deleted: int = 0
     skipped_reason: str | None = None
     inference_seconds: float = 0.0
     total_seconds: float = 0.0
@@ -279,6 +282,7 @@ def run_backfill(
             repair = online_sink(cfg.feast, cfg.target.uri, dim)
             repair.apply()
             summary.online_written = write_online(published, repair, rows=published.count())
+            summary.online_deleted = _delete_online(cfg, repair, source, encoder.version)
         summary.total_seconds = time.perf_counter() - t_start
         return summary
 
@@ -441,6 +445,8 @@ def run_backfill(
         summary.target_version = delta_lineage.describe_table(cfg.target.uri, cfg.target.storage_options).version
         if sink is not None and summary.rows_out:
             summary.online_written = write_online(ok_rows, sink, rows=summary.rows_out)
+        if sink is not None:
+            summary.online_deleted = _delete_online(cfg, sink, source, encoder.version)
         crash_point("after_online_write")
     except BaseException as exc:
         if target_ready is not None and not target_published:
@@ -456,6 +462,27 @@ def run_backfill(
         counted.unpersist()
     summary.total_seconds = time.perf_counter() - t_start
     return summary
+
+
+def _delete_online(
+    cfg: BackfillConfig, sink: FeastOnlineSink, source: delta_lineage.TableInfo, model_version: str
+) -> int:
+    """Delete from the online store what the commit publishing this source version deleted from
+    the target, read back from the target's Change Data Feed: every kind of delete (a source
+    delete, a full run's vanished items), and the same whether this run committed or a crashed
+    run did. A replay deletes nothing twice."""
+    version = delta_lineage.published_version(
+        cfg.target.uri,
+        job=JOB,
+        source_id=source.table_id,
+        source_version=source.version,
+        model_version=model_version,
+        storage_options=cfg.target.storage_options,
+    )
+    if version is None:
+        return 0
+    gone = delta_lineage.deleted_keys(cfg.target.uri, version, "item_id", cfg.target.storage_options)
+    return sink.delete(gone) if gone else 0
 
 
 def _wait_quietly(future: Future[None]) -> None:

@@ -53,5 +53,6 @@ def render(summary: BackfillSummary, console: Console | None = None) -> None:
     )
     table.add_row("quarantine", s.quarantine_uri)
     if s.online_store:
-        table.add_row("online store", f"Feast {s.online_store}: {s.online_written:,} rows written")
+        deleted = f", {s.online_deleted:,} deleted" if s.online_deleted else ""
+        table.add_row("online store", f"Feast {s.online_store}: {s.online_written:,} rows written{deleted}")
     console.print(table)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from transforms.errors import SourceError
 
@@ -137,3 +138,45 @@ def last_processed_version(
         if c.get("source_id") == source_id and c.get("job") == job
     ]
     return max(versions) if versions else None
+
+
+def published_version(
+    uri: str,
+    *,
+    job: str,
+    source_id: str,
+    source_version: int,
+    model_version: str,
+    storage_options: dict[str, str] | None = None,
+) -> int | None:
+    """The target version of the commit that published ``source_version`` of ``source_id`` with
+    ``model_version`` (newest such commit), or None if none did."""
+    for commit in sluice_commits(uri, storage_options):
+        if (
+            commit.get("job") == job
+            and commit.get("source_id") == source_id
+            and commit.get("source_version") == source_version
+            and commit.get("model_version") == model_version
+        ):
+            version = commit.get("table_version")
+            return int(version) if version is not None else None
+    return None
+
+
+def deleted_keys(uri: str, version: int, key_column: str, storage_options: dict[str, str] | None = None) -> list[str]:
+    """The keys of the rows commit ``version`` of ``uri`` deleted, from the table's Change Data Feed.
+
+    What a downstream copy of the table (an online store) must delete to follow that commit; it
+    covers deletes of every kind (a source delete applied, a full run's rows whose item left).
+    """
+    reader = _open(uri, storage_options).load_cdf(
+        starting_version=version, ending_version=version, columns=[key_column, "_change_type"]
+    )
+    keys: list[str] = []
+    # delta-rs hands back an arro3 reader: pyarrow takes it through the Arrow stream interface.
+    # Strings may come as string_view, which pyarrow's compute kernels do not all take.
+    for batch in pa.RecordBatchReader.from_stream(reader):
+        deleted = pc.equal(batch.column("_change_type").cast(pa.string()), "delete")
+        ids = batch.column(key_column).cast(pa.string()).filter(deleted)
+        keys.extend(str(k) for k in ids.to_pylist() if k is not None)
+    return keys

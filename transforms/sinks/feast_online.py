@@ -205,6 +205,36 @@ class FeastConfig(BaseModel):
             raise ConfigError(f"config {path}: feast.{where}: {first['msg']}") from exc
 
 
+#: Keys per DELETE statement batch: one transaction each, so a reader never waits long.
+_SQLITE_DELETE_CHUNK = 10_000
+
+
+def _sqlite_delete(feast: _Feast, entity_keys: Sequence[EntityKeyProto], *, n_features: int) -> int:
+    """Feast's SQLite store keeps a row per (entity key, feature) in ``<project>_<view>``; the key
+    is ``serialize_entity_key`` of the repo's version, exactly as its ``online_write_batch`` writes."""
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.infra.online_stores.sqlite import _table_id
+
+    config = feast.repo_config
+    table = _table_id(config.project, feast.view, config.registry.enable_online_feature_view_versioning)
+    version = config.entity_key_serialization_version
+    conn = sqlite3.connect(config.online_store.path, timeout=30)
+    removed = 0
+    try:
+        for start in range(0, len(entity_keys), _SQLITE_DELETE_CHUNK):
+            chunk = entity_keys[start : start + _SQLITE_DELETE_CHUNK]
+            with conn:
+                cursor = conn.executemany(
+                    f'DELETE FROM "{table}" WHERE entity_key = ?',
+                    [(serialize_entity_key(key, entity_key_serialization_version=version),) for key in chunk],
+                )
+                removed += cursor.rowcount
+    finally:
+        conn.close()
+    # One row per feature of each entity that had a row.
+    return removed // max(1, n_features)
+
+
 def _same_table(a: str, b: str) -> bool:
     def norm(uri: str) -> str:
         return uri.rstrip("/") if _is_uri(uri) else os.path.normpath(os.path.abspath(uri))
@@ -453,6 +483,27 @@ class FeastViewSink(abc.ABC):
             written += len(rows)
         return written
 
+    def _delete_keys(self, keys: Sequence[Sequence[str]]) -> int:
+        """Remove this view's rows of these keys (values in :attr:`join_keys` order) from the store;
+        returns how many had one. Unknown keys are no error, so a replay is harmless.
+
+        Feast's online-store API has no per-entity delete; the two stores sluice supports get one
+        here, removing exactly the rows their writes create and nothing of other views.
+        """
+        if not keys:
+            return 0
+        feast = self._live()
+        self._check_view_serves_this_table(feast)
+        entity_keys = [self._entity_key(list(key)) for key in keys]
+        if feast.arrow_store is not None:
+            with self._translate_errors("deleting"):
+                return feast.arrow_store.online_delete(feast.repo_config, feast.view, entity_keys)
+        store = self._config.online_store
+        if not isinstance(store, SqliteOnlineStoreConfig):
+            raise SinkError(f"Feast online store {self.store_description}: deleting rows is not supported")
+        with self._translate_errors("deleting"):
+            return _sqlite_delete(feast, entity_keys, n_features=len(self.features))
+
     # -- for subclasses ---------------------------------------------------------------------------
 
     def _lookup_rows(
@@ -656,6 +707,13 @@ class FeastOnlineSink(FeastViewSink):
             if row is not None:
                 row[VECTOR_COLUMN] = [float(x) for x in row[VECTOR_COLUMN]]
         return rows
+
+    def delete(self, ids: Sequence[str]) -> int:
+        """Remove these items' rows (items deleted from the embeddings table); returns how many the
+        store had. Other views' rows of the same items stay."""
+        if isinstance(ids, str):
+            raise TypeError("delete takes a sequence of ids, not one id string")
+        return self._delete_keys([(item_id,) for item_id in ids])
 
     def _definitions(self) -> tuple[list[Entity], FeatureView]:
         entity, view = build_definitions(

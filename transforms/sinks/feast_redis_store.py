@@ -153,6 +153,26 @@ class SluiceRedisOnlineStore(RedisOnlineStore):
             columns += [(name, _values(piece.column(feature.name), feature)) for name, feature in fields]
             _send(client, _hset_commands(keys, columns, store_config.key_ttl_seconds))
 
+    def online_delete(self, config: RepoConfig, table: FeatureView, entity_keys: Sequence[EntityKeyProto]) -> int:
+        """Remove ``table``'s features of these entities (Feast's store API has no per-entity delete).
+
+        Only this view's hash fields go (``_ts:<view>`` and one per feature): other views keyed on the
+        same entity share the hash and keep theirs; Redis drops a hash once it is empty. Returns how
+        many of the entities had this view's row. Idempotent: an entity without one is left alone.
+        """
+        client = self._get_client(config.online_store)
+        fv_name = compute_versioned_name(table, config.registry.enable_online_feature_view_versioning)
+        fields = [f"_ts:{fv_name}".encode(), *(_field_name(fv_name, f.name) for f in table.features)]
+        project = config.project.encode("utf-8")
+        serialise_key = _EntityKeySerializer()
+        removed = 0
+        for start in range(0, len(entity_keys), PIPELINE_ROWS):
+            pipe = client.pipeline(transaction=False)
+            for key in entity_keys[start : start + PIPELINE_ROWS]:
+                pipe.hdel(serialise_key(key) + project, *fields)
+            removed += sum(1 for dropped in pipe.execute() if dropped)
+        return removed
+
     @staticmethod
     def _fast_path_applies(config: RepoConfig, client: Any) -> bool:
         return bool(

@@ -112,12 +112,54 @@ def test_incremental_touches_only_changed_rows(spark, tmp_path, items) -> None:
             assert row["source_version"] == change.version
         else:
             assert row == before[item_id]  # untouched rows are byte-for-byte the same
+    # The online store follows the deletes too (a deleted id that was quarantined had no row).
+    gone = sorted(set(change.deleted_ids) & set(before))
+    assert gone and s.online_deleted == len(gone)
+    assert _online(cfg).lookup(gone) == [None] * len(gone)
 
     # No new data: nothing read, nothing written.
     version = DeltaTable(cfg.target.uri).version()
     again = run_backfill(cfg, spark)
     assert again.skipped_reason is not None and again.rows_in == 0
     assert DeltaTable(cfg.target.uri).version() == version
+
+
+def _online(cfg: BackfillConfig) -> FeastOnlineSink:
+    assert cfg.feast is not None
+    return FeastOnlineSink(cfg.feast, embeddings_table_uri=cfg.target.uri, dim=384)
+
+
+def test_a_full_run_deletes_vanished_items_from_the_online_store(spark, tmp_path, items) -> None:
+    cfg = _cfg(tmp_path, mode="full")
+    run_backfill(cfg, spark)
+    before = set(_target(tmp_path).column("item_id").to_pylist())
+    change = mutate_items(cfg.source.uri, update_fraction=0.0, insert_rows=0, delete_rows=4, seed=8)
+    s = run_backfill(cfg, spark)
+    gone = sorted(set(change.deleted_ids) & before)
+    assert gone and s.online_deleted == len(gone)
+    assert _online(cfg).lookup(gone) == [None] * len(gone)
+    kept = sorted(before - set(gone))
+    assert None not in _online(cfg).lookup(kept)
+
+
+def test_an_online_store_left_behind_by_a_crash_catches_up_with_the_deletes(spark, tmp_path, items) -> None:
+    """A run killed after its Delta commit leaves the online store behind; the next run repairs it,
+    deletes included (read back from the commit's change feed), and a replay changes nothing."""
+    cfg = _cfg(tmp_path, mode="incremental")
+    run_backfill(cfg, spark)
+    before = set(_target(tmp_path).column("item_id").to_pylist())
+    change = mutate_items(cfg.source.uri, update_fraction=0.02, insert_rows=0, delete_rows=5, seed=9)
+    assert cfg.feast is not None
+    delta_only = cfg.model_copy(update={"feast": cfg.feast.model_copy(update={"enabled": False})})
+    run_backfill(delta_only, spark)  # what the crashed run published
+    gone = sorted(set(change.deleted_ids) & before)
+    assert gone and None not in _online(cfg).lookup(gone)  # still served: the store is behind
+
+    repaired = run_backfill(cfg, spark)
+    assert repaired.skipped_reason is not None
+    assert repaired.online_deleted == len(gone)
+    assert _online(cfg).lookup(gone) == [None] * len(gone)
+    assert run_backfill(cfg, spark).online_deleted == 0
 
 
 def _model_copy(tmp: Path) -> Path:

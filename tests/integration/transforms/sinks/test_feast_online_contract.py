@@ -638,3 +638,42 @@ def test_lookups_for_a_table_the_view_does_not_serve_are_refused(store_config: F
     first.write(_batch(_ids(3), _vectors(3, seed=43)))
     with pytest.raises(SinkError, match=r"already serves .*/a, not .*/b"):
         FeastOnlineSink(store_config, embeddings_table_uri=str(tmp_path / "b"), dim=DIM).lookup(_ids(3))
+
+
+def test_delete_removes_exactly_the_given_items_and_a_replay_is_harmless(sink: FeastOnlineSink) -> None:
+    ids, vectors = _ids(12), _vectors(12, seed=51)
+    sink.write(_batch(ids, vectors))
+    gone = ids[:4]
+
+    assert sink.delete([*gone, "never-written"]) == 4
+    assert sink.lookup(gone) == [None] * 4
+    _assert_rows(sink.lookup(ids[4:]), ids[4:], vectors[4:])
+    assert sink.delete(gone) == 0
+    assert sink.delete([]) == 0
+    # A deleted item written again is served again.
+    sink.write(_batch(gone[:1], vectors[:1]))
+    _assert_rows(sink.lookup(gone[:1]), gone[:1], vectors[:1])
+
+
+def test_delete_leaves_other_views_of_the_same_items(store_config: FeastConfig, tmp_path: Path) -> None:
+    """Redis keeps every view of an entity in one hash; a delete takes this view's fields only."""
+    ids = _ids(6)
+    a = _applied(FeastOnlineSink(store_config, embeddings_table_uri=str(tmp_path / "a"), dim=DIM))
+    b_config = store_config.model_copy(update={"feature_view": "item_embeddings_b"})
+    b = _applied(FeastOnlineSink(b_config, embeddings_table_uri=str(tmp_path / "b"), dim=DIM))
+    a.write(_batch(ids, _vectors(6, seed=52)))
+    b_vectors = _vectors(6, seed=53)
+    b.write(_batch(ids, b_vectors))
+
+    assert a.delete(ids) == 6
+
+    assert a.lookup(ids) == [None] * 6
+    _assert_rows(b.lookup(ids), ids, b_vectors)
+
+
+def test_delete_of_more_ids_than_one_redis_pipeline_holds(sink: FeastOnlineSink) -> None:
+    ids, vectors = _ids(5_000), _vectors(5_000, seed=54)
+    sink.write(_batch(ids, vectors))
+    assert sink.delete(ids[::2]) == 2_500
+    found = sink.lookup(ids)
+    assert [row is None for row in found] == [i % 2 == 0 for i in range(5_000)]
