@@ -471,7 +471,7 @@ def _delete_online(
     the target, read back from the target's Change Data Feed: every kind of delete (a source
     delete, a full run's vanished items), and the same whether this run committed or a crashed
     run did. A replay deletes nothing twice."""
-    version = delta_lineage.published_version(
+    commit = delta_lineage.published_commit(
         cfg.target.uri,
         job=JOB,
         source_id=source.table_id,
@@ -479,9 +479,12 @@ def _delete_online(
         model_version=model_version,
         storage_options=cfg.target.storage_options,
     )
-    if version is None:
+    # Most commits say they deleted nothing: no need to read back every id a big first run added.
+    if commit is None or delta_lineage.deleted_nothing(commit):
         return 0
-    gone = delta_lineage.deleted_keys(cfg.target.uri, version, "item_id", cfg.target.storage_options)
+    gone = delta_lineage.deleted_keys(
+        cfg.target.uri, int(commit["table_version"]), "item_id", cfg.target.storage_options
+    )
     return sink.delete(gone) if gone else 0
 
 

@@ -124,7 +124,15 @@ def sluice_commits(
         except (ValueError, AttributeError):
             continue
         if isinstance(meta, dict):
-            out.append({**meta, "table_version": entry.get("version")})
+            out.append(
+                {
+                    **meta,
+                    "table_version": entry.get("version"),
+                    "operation": entry.get("operation"),
+                    "operation_parameters": entry.get("operationParameters") or {},
+                    "operation_metrics": entry.get("operationMetrics") or {},
+                }
+            )
     return out
 
 
@@ -140,7 +148,7 @@ def last_processed_version(
     return max(versions) if versions else None
 
 
-def published_version(
+def published_commit(
     uri: str,
     *,
     job: str,
@@ -148,9 +156,9 @@ def published_version(
     source_version: int,
     model_version: str,
     storage_options: dict[str, str] | None = None,
-) -> int | None:
-    """The target version of the commit that published ``source_version`` of ``source_id`` with
-    ``model_version`` (newest such commit), or None if none did."""
+) -> dict[str, Any] | None:
+    """The newest commit (as :func:`sluice_commits` gives it) that published ``source_version`` of
+    ``source_id`` with ``model_version``, or None if none did."""
     for commit in sluice_commits(uri, storage_options):
         if (
             commit.get("job") == job
@@ -158,9 +166,19 @@ def published_version(
             and commit.get("source_version") == source_version
             and commit.get("model_version") == model_version
         ):
-            version = commit.get("table_version")
-            return int(version) if version is not None else None
+            return commit
     return None
+
+
+def deleted_nothing(commit: dict[str, Any]) -> bool:
+    """Whether a commit's own record shows it deleted no row: an append, or a MERGE counting none.
+    Anything else (metrics missing, another operation) is not known to be free of deletes."""
+    metrics = commit.get("operation_metrics") or {}
+    if commit.get("operation") == "WRITE":
+        return str((commit.get("operation_parameters") or {}).get("mode", "")).lower() == "append"
+    if commit.get("operation") == "MERGE" and "numTargetRowsDeleted" in metrics:
+        return int(metrics["numTargetRowsDeleted"]) == 0
+    return False
 
 
 def deleted_keys(uri: str, version: int, key_column: str, storage_options: dict[str, str] | None = None) -> list[str]:
@@ -169,14 +187,20 @@ def deleted_keys(uri: str, version: int, key_column: str, storage_options: dict[
     What a downstream copy of the table (an online store) must delete to follow that commit; it
     covers deletes of every kind (a source delete applied, a full run's rows whose item left).
     """
-    reader = _open(uri, storage_options).load_cdf(
-        starting_version=version, ending_version=version, columns=[key_column, "_change_type"]
-    )
     keys: list[str] = []
-    # delta-rs hands back an arro3 reader: pyarrow takes it through the Arrow stream interface.
-    # Strings may come as string_view, which pyarrow's compute kernels do not all take.
-    for batch in pa.RecordBatchReader.from_stream(reader):
-        deleted = pc.equal(batch.column("_change_type").cast(pa.string()), "delete")
-        ids = batch.column(key_column).cast(pa.string()).filter(deleted)
-        keys.extend(str(k) for k in ids.to_pylist() if k is not None)
+    try:
+        reader = _open(uri, storage_options).load_cdf(
+            starting_version=version, ending_version=version, columns=[key_column, "_change_type"]
+        )
+        # delta-rs hands back an arro3 reader: pyarrow takes it through the Arrow stream interface.
+        # Strings may come as string_view, which pyarrow's compute kernels do not all take.
+        for batch in pa.RecordBatchReader.from_stream(reader):
+            deleted = pc.equal(batch.column("_change_type").cast(pa.string()), "delete")
+            ids = batch.column(key_column).cast(pa.string()).filter(deleted)
+            keys.extend(str(k) for k in ids.to_pylist() if k is not None)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise SourceError(
+            f"cannot read which rows version {version} of {uri} deleted from its Change Data Feed ({exc}): "
+            "was the table vacuumed past it? A --mode full run rewrites the online store's rows"
+        ) from exc
     return keys
