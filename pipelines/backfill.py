@@ -280,9 +280,14 @@ def run_backfill(
                 .filter((F.col("model_version") == encoder.version) & (F.col("source_version") == source.version))
             )
             repair = online_sink(cfg.feast, cfg.target.uri, dim)
-            repair.apply()
-            summary.online_written = write_online(published, repair, rows=published.count())
-            summary.online_deleted = _delete_online(cfg, repair, source, encoder.version)
+            commit = _published_commit(cfg, source, encoder.version)
+            # The store already holds that commit in full (the usual re-run): nothing to rewrite.
+            if commit is None or repair.published_version() != int(commit["table_version"]):
+                repair.apply()
+                summary.online_written = write_online(published, repair, rows=published.count())
+                if commit is not None:
+                    summary.online_deleted = _delete_online(cfg, repair, commit)
+                    repair.mark_published(int(commit["table_version"]))
         summary.total_seconds = time.perf_counter() - t_start
         return summary
 
@@ -445,8 +450,10 @@ def run_backfill(
         summary.target_version = delta_lineage.describe_table(cfg.target.uri, cfg.target.storage_options).version
         if sink is not None and summary.rows_out:
             summary.online_written = write_online(ok_rows, sink, rows=summary.rows_out)
-        if sink is not None:
-            summary.online_deleted = _delete_online(cfg, sink, source, encoder.version)
+        commit = _published_commit(cfg, source, encoder.version) if sink is not None else None
+        if sink is not None and commit is not None:
+            summary.online_deleted = _delete_online(cfg, sink, commit)
+            sink.mark_published(int(commit["table_version"]))
         crash_point("after_online_write")
     except BaseException as exc:
         if target_ready is not None and not target_published:
@@ -464,14 +471,12 @@ def run_backfill(
     return summary
 
 
-def _delete_online(
-    cfg: BackfillConfig, sink: FeastOnlineSink, source: delta_lineage.TableInfo, model_version: str
-) -> int:
-    """Delete from the online store what the commit publishing this source version deleted from
-    the target, read back from the target's Change Data Feed: every kind of delete (a source
-    delete, a full run's vanished items), and the same whether this run committed or a crashed
-    run did. A replay deletes nothing twice."""
-    commit = delta_lineage.published_commit(
+def _published_commit(
+    cfg: BackfillConfig, source: delta_lineage.TableInfo, model_version: str
+) -> dict[str, Any] | None:
+    """The target's commit that published this source version with this model (this run's, or a
+    crashed run's)."""
+    return delta_lineage.published_commit(
         cfg.target.uri,
         job=JOB,
         source_id=source.table_id,
@@ -479,8 +484,14 @@ def _delete_online(
         model_version=model_version,
         storage_options=cfg.target.storage_options,
     )
+
+
+def _delete_online(cfg: BackfillConfig, sink: FeastOnlineSink, commit: dict[str, Any]) -> int:
+    """Delete from the online store what ``commit`` deleted from the target, read back from the
+    target's Change Data Feed: every kind of delete (a source delete, a full run's vanished items),
+    and the same whether this run committed or a crashed run did. A replay deletes nothing twice."""
     # Most commits say they deleted nothing: no need to read back every id a big first run added.
-    if commit is None or delta_lineage.deleted_nothing(commit):
+    if delta_lineage.deleted_nothing(commit):
         return 0
     gone = delta_lineage.deleted_keys(
         cfg.target.uri, int(commit["table_version"]), "item_id", cfg.target.storage_options

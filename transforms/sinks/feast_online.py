@@ -205,6 +205,8 @@ class FeastConfig(BaseModel):
             raise ConfigError(f"config {path}: feast.{where}: {first['msg']}") from exc
 
 
+#: The registry tag on a view naming the version of its table the online store holds in full.
+PUBLISHED_TAG = "sluice.online_table_version"
 #: Keys per DELETE statement batch: one transaction each, so a reader never waits long.
 _SQLITE_DELETE_CHUNK = 10_000
 
@@ -432,11 +434,42 @@ class FeastViewSink(abc.ABC):
         self.check_reachable()
         feast = self._live()
         self._check_view_serves_this_table(feast)
+        # Registering starts a new round of writes: the store no longer holds any one table version.
+        feast.view.tags.pop(PUBLISHED_TAG, None)
         with self._translate_errors("registering the feature view"):
             feast.store.apply([*feast.entities, feast.view], partial=True)
         with self._translate_errors("reading back from the store"):
             probe = self._entity_key(["__sluice_connectivity_probe__"] * len(self.join_keys))
             feast.provider.online_read(feast.repo_config, feast.view, [probe], [self.features[0]])
+
+    def published_version(self) -> int | None:
+        """The version of the table the online store was last marked as holding in full
+        (:meth:`mark_published`), or None: never marked, or writes began since."""
+        feast = self._live()
+        self._check_view_serves_this_table(feast)
+        registered = self._registered_view(feast)
+        raw = registered.tags.get(PUBLISHED_TAG) if registered is not None else None
+        return int(raw) if raw is not None and raw.isdigit() else None
+
+    def mark_published(self, table_version: int) -> None:
+        """Record in the registry, once every write and delete for it is done, that the store holds
+        ``table_version`` of the table: a re-run with nothing new then has nothing to rewrite. A
+        crash before this leaves the older mark, so the next run rewrites (and re-deletes) instead."""
+        feast = self._live()
+        feast.view.tags[PUBLISHED_TAG] = str(int(table_version))
+        with self._translate_errors("recording the published table version"):
+            feast.store.apply([*feast.entities, feast.view], partial=True)
+
+    def _registered_view(self, feast: _Feast) -> FeatureView | None:
+        from feast.errors import FeatureViewNotFoundException
+
+        try:
+            with self._translate_errors("reading the registry"):
+                return feast.store.get_feature_view(self._view_name, allow_registry_cache=False)
+        except SinkError as exc:
+            if isinstance(exc.__cause__, FeatureViewNotFoundException):
+                return None
+            raise
 
     def _check_view_serves_this_table(self, feast: _Feast) -> None:
         """Refuse to re-point a registered view at another table.
@@ -446,15 +479,9 @@ class FeastViewSink(abc.ABC):
         registry and view name, and applying silently moved the view to the second table while
         its rows overwrote the first's, so lookups for the first served the second's vectors.
         """
-        from feast.errors import FeatureViewNotFoundException
-
-        try:
-            with self._translate_errors("reading the registry"):
-                registered = feast.store.get_feature_view(self._view_name, allow_registry_cache=False)
-        except SinkError as exc:
-            if isinstance(exc.__cause__, FeatureViewNotFoundException):
-                return
-            raise
+        registered = self._registered_view(feast)
+        if registered is None:
+            return
         theirs = getattr(registered.batch_source, "path", None)
         if theirs is None or _same_table(theirs, self._table_uri):
             return

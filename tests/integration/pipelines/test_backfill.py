@@ -91,6 +91,9 @@ def test_rerun_is_a_no_op(spark, tmp_path, items) -> None:
     assert again.rows_in == 0
     assert DeltaTable(cfg.target.uri).version() == version
     assert DeltaTable(cfg.target.quarantine).version() == q_version
+    # The online store was marked as holding that commit in full: nothing is rewritten either.
+    assert again.online_written == 0 and again.online_deleted == 0
+    assert _online(cfg).published_version() == version
 
 
 def test_incremental_touches_only_changed_rows(spark, tmp_path, items) -> None:
@@ -157,9 +160,11 @@ def test_an_online_store_left_behind_by_a_crash_catches_up_with_the_deletes(spar
 
     repaired = run_backfill(cfg, spark)
     assert repaired.skipped_reason is not None
+    assert repaired.online_written == len(set(change.updated_ids) & before)  # that commit's rows
     assert repaired.online_deleted == len(gone)
     assert _online(cfg).lookup(gone) == [None] * len(gone)
-    assert run_backfill(cfg, spark).online_deleted == 0
+    replay = run_backfill(cfg, spark)
+    assert (replay.online_written, replay.online_deleted) == (0, 0)
 
 
 def _model_copy(tmp: Path) -> Path:

@@ -677,3 +677,15 @@ def test_delete_of_more_ids_than_one_redis_pipeline_holds(sink: FeastOnlineSink)
     assert sink.delete(ids[::2]) == 2_500
     found = sink.lookup(ids)
     assert [row is None for row in found] == [i % 2 == 0 for i in range(5_000)]
+
+
+def test_the_published_mark_is_kept_until_the_next_round_of_writes(make_sink: SinkFactory) -> None:
+    sink = make_sink()
+    assert sink.published_version() is None  # nothing registered yet
+    sink.apply()
+    assert sink.published_version() is None
+    sink.write(_batch(_ids(3), _vectors(3, seed=61)))
+    sink.mark_published(7)
+    assert make_sink().published_version() == 7  # read from the registry, by another process alike
+    make_sink().apply()  # a new run starts writing: the store holds no one version any more
+    assert sink.published_version() is None
