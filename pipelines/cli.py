@@ -462,9 +462,7 @@ def lookup_item(
     from transforms.sinks.feast_online import FeastConfig, FeastOnlineSink
 
     try:
-        feast_cfg = (
-            FeastConfig.from_file(config, table_uri=target) if config is not None else FeastConfig.next_to(target)
-        )
+        feast_cfg = FeastConfig.from_file(config, table_uri=target)
         sink = FeastOnlineSink(feast_cfg, embeddings_table_uri=target, dim=1)
         rows = sink.lookup(ids)
     except SluiceError as exc:

@@ -182,12 +182,15 @@ class FeastConfig(BaseModel):
         return cls.next_to(table_uri, **fields)
 
     @classmethod
-    def from_file(cls, path: Path, *, table_uri: str) -> FeastConfig:
+    def from_file(cls, path: Path | None, *, table_uri: str) -> FeastConfig:
         """:meth:`for_table` from the ``feast`` section of a job's YAML config (lookups read the
-        job's own config file, so they find the store and view the job wrote)."""
+        job's own config file, so they find the store and view the job wrote); no file: the
+        store beside the table."""
         import yaml
         from pydantic import ValidationError
 
+        if path is None:
+            return cls.next_to(table_uri)
         try:
             document = yaml.safe_load(path.read_text()) or {}
         except OSError as exc:

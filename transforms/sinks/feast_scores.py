@@ -174,9 +174,7 @@ def lookup_ad_score(user: str, ad: str, *, target: str = "data/scores", config: 
     ``target`` scores table. Always has ``user_id``, ``ad_id`` and ``found``; when found, also
     ``score``, ``model_version`` and ``scored_at`` (ISO 8601, UTC).
     """
-    feast_config = (
-        FeastConfig.from_file(config, table_uri=target) if config is not None else FeastConfig.next_to(target)
-    )
+    feast_config = FeastConfig.from_file(config, table_uri=target)
     (row,) = FeastScoresSink(feast_config, scores_table_uri=target).lookup([(user, ad)])
     out: dict[str, Any] = {USER_KEY_COLUMN: user, AD_KEY_COLUMN: ad, "found": row is not None}
     if row is not None:
