@@ -56,6 +56,16 @@ def test_make_run_embeds_the_sample_then_only_new_changes(tmp_path: Path) -> Non
     assert '"found": true' in lines[0] and '"dim": 384' in lines[0]
     assert '"found": false' in lines[1]
 
+    # A mistyped target: one line naming the table the store does serve; elsewhere, nothing published.
+    typo = run_cli("lookup", "item", "item-0000001", "--target", str(data / "embedings"))
+    assert typo.returncode != 0 and typo.stdout == ""
+    assert f"already serves {data / 'embeddings'}, not {data / 'embedings'}" in typo.stderr
+    elsewhere = tmp_path / "elsewhere" / "embeddings"
+    nothing = run_cli("lookup", "item", "item-0000001", "--target", str(elsewhere))
+    assert nothing.returncode != 0 and nothing.stdout == ""
+    assert "run `sluice backfill` for it first" in nothing.stderr and len(nothing.stderr.strip().splitlines()) == 1
+    assert not elsewhere.parent.exists()
+
 
 def test_spark_submit_line_from_the_readme(tmp_path: Path) -> None:
     readme = (REPO / "README.md").read_text()

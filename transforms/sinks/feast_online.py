@@ -337,6 +337,8 @@ class FeastViewSink(abc.ABC):
     features: tuple[str, ...]
     #: What input batches must follow, as error messages name it.
     input_contract: str
+    #: The sluice command that registers this view and fills it, as error messages name it.
+    publisher: str
 
     def __init__(
         self, config: FeastConfig, *, table_uri: str, feature_view: str, write_chunk_rows: int = WRITE_CHUNK_ROWS
@@ -547,6 +549,7 @@ class FeastViewSink(abc.ABC):
         the join keys, then the features; with ``timestamp_column``, also the row's event time, in
         whole seconds (all Feast's SQLite store keeps, and what its ``to_dict`` serves from Redis).
         """
+        self._require_local_registry()
         feast = self._live()
         # A view registered for another table would answer with that table's rows.
         self._check_view_serves_this_table(feast)
@@ -555,7 +558,7 @@ class FeastViewSink(abc.ABC):
         for start in range(0, len(keys), LOOKUP_CHUNK_IDS):
             chunk = keys[start : start + LOOKUP_CHUNK_IDS]
             entity_rows = {name: [str(key[i]) for key in chunk] for i, name in enumerate(self.join_keys)}
-            with self._translate_errors("looking up features"):
+            with self._translate_errors("looking up features", reading=True):
                 found = feast.store.get_online_features(features=refs, entity_rows=entity_rows)
                 columns = found.to_dict()
             present = columns[self.features[0]]
@@ -574,6 +577,26 @@ class FeastViewSink(abc.ABC):
                     row[timestamp_column] = datetime.fromtimestamp(stamps[pos].seconds, UTC)
                 out.append(row)
         return out
+
+    def _require_local_registry(self) -> None:
+        """Refuse a read from a local registry that does not exist, before Feast is imported.
+
+        Feast would write an empty registry file there and then report the view missing, seconds
+        later: a lookup pointed at the wrong place would leave a store behind it.
+        """
+        registry = self._config.registry
+        if not _is_uri(registry) and not Path(registry).exists():
+            raise SinkError(
+                f"Feast online store {self.store_description}: no registry at {registry}, so nothing has been "
+                f"published for {self._table_uri} there: {self._publish_first}"
+            )
+
+    @property
+    def _publish_first(self) -> str:
+        return (
+            f"run {self.publisher} for it first, or point at the store it published to "
+            "(--config with the job's feast section: feast.registry, feast.feature_view)"
+        )
 
     def _check_columns(self, batch: pa.RecordBatch | pa.Table, expected: dict[str, str]) -> None:
         """Fail unless ``batch`` has each expected column (name: type, as ``_ACCEPTED_TYPES`` names
@@ -660,18 +683,20 @@ class FeastViewSink(abc.ABC):
                 ) from exc
 
     @contextlib.contextmanager
-    def _translate_errors(self, doing: str) -> Iterator[None]:
+    def _translate_errors(self, doing: str, *, reading: bool = False) -> Iterator[None]:
         try:
             yield
         except SinkError:
             raise
         except Exception as exc:
-            raise self._sink_error(doing, exc) from exc
+            raise self._sink_error(doing, exc, reading=reading) from exc
 
-    def _sink_error(self, doing: str, exc: Exception) -> SinkError:
+    def _sink_error(self, doing: str, exc: Exception, *, reading: bool = False) -> SinkError:
+        """One line for the error; ``reading``: a serving-side read (a lookup), whose user fixes a
+        missing view by running the job that publishes it, not by calling :meth:`apply`."""
         where = f"Feast online store {self.store_description}"
         detail = f"{type(exc).__name__}: {exc}"
-        apply_first = f"call {type(self).__name__}.apply() first"
+        unapplied = self._publish_first if reading else f"call {type(self).__name__}.apply() first"
         store = self._config.online_store
         if isinstance(store, RedisOnlineStoreConfig):
             redis_exceptions = _redis_exceptions()
@@ -688,16 +713,13 @@ class FeastViewSink(abc.ABC):
                     f"{where} is unreachable ({detail}): start redis-server or fix feast.online_store.connection_string"
                 )
         if isinstance(exc, sqlite3.OperationalError) and "no such table" in str(exc):
-            return SinkError(
-                f"{where} has no table for feature view {self._view_name} ({exc}): {apply_first} "
-                "(or run feast apply in infra/feast)"
-            )
+            return SinkError(f"{where} has no table for feature view {self._view_name} ({exc}): {unapplied}")
         if isinstance(exc, sqlite3.Error):
             return SinkError(f"{where} failed while {doing} ({detail}): check the file is writable and not corrupt")
         if _is_feast_not_found(exc):
             return SinkError(
                 f"{where}: feature view {self._view_name} is not in registry "
-                f"{self._config.registry} ({detail}): {apply_first}"
+                f"{self._config.registry} ({detail}): {unapplied}"
             )
         return SinkError(f"{where} failed while {doing} ({detail})")
 
@@ -707,6 +729,7 @@ class FeastOnlineSink(FeastViewSink):
 
     join_keys = (KEY_COLUMN,)
     features = FEATURES
+    publisher = "`sluice backfill`"
 
     def __init__(
         self,

@@ -53,6 +53,7 @@ class FeastScoresSink(FeastViewSink):
     join_keys = (USER_KEY_COLUMN, AD_KEY_COLUMN)
     features = SCORES_FEATURES
     input_contract = "schemas.scores.SCORES_SCHEMA"
+    publisher = "`sluice score-stream`"
 
     def __init__(self, config: FeastConfig, *, scores_table_uri: str, write_chunk_rows: int = WRITE_CHUNK_ROWS) -> None:
         super().__init__(

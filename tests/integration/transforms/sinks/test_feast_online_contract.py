@@ -400,6 +400,55 @@ def test_sqlite_write_before_apply_says_to_apply(tmp_path: Path, kind: str) -> N
     assert "\n" not in str(error.value)
 
 
+def _lookup_one_of_kind(sink: FeastViewSink) -> list[dict[str, object] | None]:
+    if isinstance(sink, FeastScoresSink):
+        return sink.lookup([("user-0", "ad-0")])
+    assert isinstance(sink, FeastOnlineSink)
+    return sink.lookup(_ids(1))
+
+
+_PUBLISHER = {"embeddings": "`sluice backfill`", "scores": "`sluice score-stream`"}
+
+
+@SINK_KINDS
+def test_lookup_where_nothing_was_published_says_which_job_to_run_and_creates_nothing(
+    store_config: FeastConfig, tmp_path: Path, kind: str
+) -> None:
+    """``sluice lookup`` pointed at a table no job has published: Feast would write an empty registry
+    there and then report the view missing, in a developer's words. The reader gets one line naming
+    the job to run, and the directory stays as it was."""
+    before = sorted(tmp_path.rglob("*"))
+    reader = _sink_of_kind(kind, store_config, tmp_path)
+
+    with pytest.raises(SinkError) as error:
+        _lookup_one_of_kind(reader)
+
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"no registry at {store_config.registry}" in message
+    assert f"run {_PUBLISHER[kind]} for it first" in message
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+@SINK_KINDS
+def test_lookup_of_a_view_the_registry_lacks_says_which_job_to_run(
+    store_config: FeastConfig, tmp_path: Path, kind: str
+) -> None:
+    """The registry exists (the other job published to it) but holds no view of this kind."""
+    other = "scores" if kind == "embeddings" else "embeddings"
+    _sink_of_kind(other, store_config, tmp_path).apply()
+    reader = _sink_of_kind(kind, store_config, tmp_path)
+
+    with pytest.raises(SinkError) as error:
+        _lookup_one_of_kind(reader)
+
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"is not in registry {store_config.registry}" in message
+    assert f"run {_PUBLISHER[kind]} for it first" in message
+    assert "apply()" not in message
+
+
 # -- the ad-scoring job's sink: latest score per (user, ad) ----------------------------------------
 
 
