@@ -143,7 +143,14 @@ def backfill(
     ] = None,
     feast: Annotated[bool | None, typer.Option("--feast/--no-feast", help="write the Feast online store")] = None,
     max_quarantine_fraction: Annotated[
-        float | None, typer.Option("--max-quarantine-fraction", min=0.0, max=1.0)
+        float | None,
+        typer.Option(
+            "--max-quarantine-fraction",
+            min=0.0,
+            max=1.0,
+            help="fail the run, publishing nothing, when a larger fraction of rows is quarantined "
+            "(validation.max_quarantine_fraction)",
+        ),
     ] = None,
     summary_json: Annotated[
         Path | None, typer.Option("--summary-json", help="also write the summary here as JSON")
