@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sluice.backfill")
 JOB = "backfill"
+#: The quarantine ``check`` of rows whose id appears more than once in the source.
+DUPLICATE_ID_CHECK = "id_unique"
 
 
 @dataclass
@@ -64,6 +66,9 @@ class BackfillSummary:
     rows_out: int = 0
     rows_deleted: int = 0
     quarantined: dict[str, int] = field(default_factory=dict)
+    #: Stale mode: rows without an embedding left out because the quarantine already holds their
+    #: outcome (same id, text and model version); not counted in ``rows_in``.
+    rows_settled: int = 0
     online_written: int = 0
     #: Items the run's commit deleted from the embeddings table that the online store had.
     online_deleted: int = 0
@@ -90,6 +95,7 @@ class _Selection:
     nothing_reason: str | None = None
     delete_missing: bool = False  # full pass: target ids absent from the source go
     has_deletes: bool = False  # change-feed rows: some may carry ``_op = delete``
+    settled: DataFrame | None = None  # stale: rows left out, their outcome already in the quarantine
 
 
 def _select_rows(
@@ -129,7 +135,47 @@ def _select_rows(
             .select(F.col("item_id").alias(id_col))
         )
         rows = rows.join(current, on=id_col, how="left_anti")
-    return _Selection(rows)
+    if not delta_lineage.table_exists(cfg.target.quarantine, cfg.target.storage_options):
+        return _Selection(rows)
+    rows, settled = _split_settled(spark.read.format("delta").load(cfg.target.quarantine), rows, cfg, model_version)
+    return _Selection(rows, settled=settled)
+
+
+def _split_settled(
+    quarantine: DataFrame, rows: DataFrame, cfg: BackfillConfig, model_version: str
+) -> tuple[DataFrame, DataFrame]:
+    """(rows to embed, rows whose outcome the quarantine table already holds).
+
+    Rows without an embedding include the ones quarantined before: empty text, duplicate ids,
+    texts the model or the output checks rejected. Their outcome is a function of the text and the
+    model, so a stale run would only quarantine them again, append the same records, and, since they
+    can make up most of a small stale run, trip the quality gate over rows an earlier run already
+    accounted for. A row is left out when the quarantine holds a record from this model version
+    with its id and text (null-safe); for a duplicate-id record, only while the id is still
+    duplicated. A changed text, a new model, or a duplicate resolved brings the row back.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    id_col, text_col = cfg.source.id_column, cfg.source.text_column
+    records = (
+        quarantine.filter(F.col("model_version") == model_version)
+        .select(
+            F.col("item_id").alias("_q_id"),
+            F.col("text").alias("_q_text"),
+            (F.col("check") == DUPLICATE_ID_CHECK).alias("_q_duplicate"),
+        )
+        .distinct()
+    )
+    keyed = rows.withColumn("_copies", F.count(F.lit(1)).over(Window.partitionBy(id_col)))
+    same = (
+        F.col(id_col).cast("string").eqNullSafe(F.col("_q_id"))
+        & F.col(text_col).cast("string").eqNullSafe(F.col("_q_text"))
+        & (~F.col("_q_duplicate") | (F.col("_copies") > 1))
+    )
+    todo = keyed.join(records, same, "left_anti").drop("_copies")
+    settled = keyed.join(records, same, "left_semi").drop("_copies")
+    return todo, settled
 
 
 def _input_duplicates(rows: DataFrame, id_col: str) -> tuple[DataFrame, DataFrame, DataFrame]:
@@ -307,6 +353,8 @@ def run_backfill(
     n_in = counted.count()
     n_deleted = deletes.count() if selection.has_deletes else 0  # else a needless source re-scan
     summary.rows_in, summary.rows_deleted = n_in, n_deleted
+    if selection.settled is not None:
+        summary.rows_settled = selection.settled.count()
 
     # 3. Inference, once: persisted, then split.
     model_cfg = cfg.model
@@ -391,7 +439,7 @@ def run_backfill(
                     F.col(id_col).cast("string").alias("item_id"),
                     F.col(text_col).cast("string").alias("text"),
                     F.lit("input").alias("stage"),
-                    F.lit("id_unique").alias("check"),
+                    F.lit(DUPLICATE_ID_CHECK).alias("check"),
                     F.concat(
                         F.lit("item id appears "),
                         F.col("_copies").cast("string"),

@@ -38,6 +38,8 @@ def render(summary: BackfillSummary, console: Console | None = None) -> None:
     table.add_row("rows out", f"{s.rows_out:,}" + (f"  (+{s.rows_deleted:,} deleted)" if s.rows_deleted else ""))
     q = ", ".join(f"{k}: {v:,}" for k, v in sorted(s.quarantined.items())) or "none"
     table.add_row("quarantined", f"{s.rows_quarantined:,}  ({q})")
+    if s.rows_settled:
+        table.add_row("left out", f"{s.rows_settled:,} quarantined before by this model, text unchanged")
     if s.inference_seconds:
         table.add_row(
             "throughput",

@@ -193,6 +193,58 @@ def test_stale_reembeds_only_rows_of_another_model(spark, tmp_path, items) -> No
     assert again.skipped_reason is not None or again.rows_out == 0
 
 
+def test_stale_leaves_rows_already_quarantined_by_this_model_alone_until_their_text_changes(
+    spark, tmp_path, items
+) -> None:
+    """Right after a full run, every row without an embedding is one the run quarantined: a stale run
+    used to re-embed just those, quarantine them again (duplicate records) and fail the quality gate
+    at 100%. Now it leaves them out and says so; a fixed text brings its row back."""
+    from delta.tables import DeltaTable as SparkDeltaTable
+
+    full = run_backfill(_cfg(tmp_path, mode="full"), spark)
+    bad = sorted(_bad_ids(items))
+    assert full.rows_quarantined == len(bad) > 1
+    quarantine = str(tmp_path / "embeddings_quarantine")
+
+    stale = run_backfill(_cfg(tmp_path, mode="stale"), spark)
+
+    assert (stale.rows_in, stale.rows_quarantined, stale.rows_settled) == (0, 0, len(bad))
+    assert DeltaTable(quarantine).to_pyarrow_table().num_rows == len(bad)
+
+    fixed = bad[0]
+    SparkDeltaTable.forPath(spark, str(tmp_path / "items")).update(
+        f"item_id = '{fixed}'", {"text": "'Stainless steel water bottle, 750 ml'"}
+    )
+    again = run_backfill(_cfg(tmp_path, mode="stale"), spark)
+
+    assert (again.rows_in, again.rows_out, again.rows_settled) == (1, 1, len(bad) - 1)
+    assert fixed in set(_target(tmp_path).column("item_id").to_pylist())
+
+
+def test_stale_leaves_duplicate_ids_out_only_while_they_are_still_duplicated(spark, tmp_path) -> None:
+    from delta.tables import DeltaTable as SparkDeltaTable
+
+    table = generate_items(20, seed=1)
+    copies = table.slice(0, 2)
+    copies = copies.set_column(
+        copies.schema.get_field_index("text"),
+        "text",
+        pa.array([f"{t} (copy)" for t in copies.column("text").to_pylist()]),
+    )
+    write_items_table(str(tmp_path / "items"), pa.concat_tables([table, copies]))
+    cfg = _cfg(tmp_path, mode="full", validation={"max_quarantine_fraction": 0.5})
+    assert run_backfill(cfg, spark).quarantined == {"input": 4}
+    stale_cfg = _cfg(tmp_path, mode="stale", validation={"max_quarantine_fraction": 0.5})
+
+    assert run_backfill(stale_cfg, spark).rows_settled == 4
+
+    SparkDeltaTable.forPath(spark, str(tmp_path / "items")).delete("text LIKE '% (copy)'")
+    resolved = run_backfill(stale_cfg, spark)
+
+    assert (resolved.rows_in, resolved.rows_out, resolved.rows_settled) == (2, 2, 0)
+    assert set(copies.column("item_id").to_pylist()) <= set(_target(tmp_path).column("item_id").to_pylist())
+
+
 def _bad_ids(table: pa.Table) -> set[str]:
     return {r["item_id"] for r in table.to_pylist()} - _good_ids(table)
 
