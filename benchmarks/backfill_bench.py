@@ -742,7 +742,7 @@ def fresh_session_b(
         spark = spark_session(args.master, conf)
         try:
             spark_warmup(spark, tmp)
-            return run_b(spark, tmp, items_uri, args.device, n_rows, batching, name=name)
+            return run_b(spark, tmp, items_uri, args.device, n_rows, batching, name=name, feast=not args.no_feast)
         finally:
             spark.stop()
     finally:
@@ -759,6 +759,7 @@ def run_b(
     *,
     precision: str = "auto",
     name: str = "b",
+    feast: bool = True,
 ) -> dict[str, Any]:
     import pipelines.backfill as bf
     from pipelines.config import BackfillConfig, load_config
@@ -768,7 +769,8 @@ def run_b(
         overrides={
             "source": {"uri": items_uri},
             "target": {"uri": str(tmp / f"{name}_embeddings")},
-            "feast": FeastConfig.local(tmp / name).model_dump(),
+            # Off only where Feast cannot be installed (the GPU box); the online write follows the stage.
+            "feast": FeastConfig.local(tmp / name).model_dump() if feast else {"enabled": False},
             "model": {"device": device, "precision": precision},
             "batching": batching,
             "spark": {"progress": False},
@@ -778,7 +780,10 @@ def run_b(
     timers = StageTimers()
     captured: dict[str, Any] = {}
     instrument_backfill(spark, timers, captured)
-    res: dict[str, Any] = {"partitions": bf._partitions(cfg, spark, n_rows) if hasattr(bf, "_partitions") else None}
+    res: dict[str, Any] = {
+        "partitions": bf._partitions(cfg, spark, n_rows) if hasattr(bf, "_partitions") else None,
+        "feast": feast,
+    }
     load0 = os.getloadavg()[0]
     try:
         with GpuSampler() as gpu, CpuSampler() as cpu:
@@ -1032,7 +1037,13 @@ def results_table(r: dict[str, Any]) -> list[tuple[str, str, str]]:
             _f(b.get("inference_rows_per_s")),
             f"{b.get('partitions')} tasks on {r['meta'].get('master')}" if "error" not in b else "ERROR (see JSON)",
         ),
-        ("(b) sluice backfill, whole run", _f(b.get("whole_rows_per_s")), "read → Delta MERGE → Feast SQLite"),
+        (
+            "(b) sluice backfill, whole run",
+            _f(b.get("whole_rows_per_s")),
+            "read → Delta MERGE → Feast SQLite"
+            if b.get("feast", True)
+            else "read → Delta MERGE (Feast off: --no-feast)",
+        ),
         (
             "(c) predict_batch_udf → Delta",
             _f(c.get("rows_per_s")),
@@ -1357,6 +1368,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-readme", action="store_true", help="do not regenerate benchmarks/README.md")
     ap.add_argument(
+        "--no-feast",
+        action="store_true",
+        help="(b) without the Feast online write, for a box where Feast cannot be installed (the GPU box)",
+    )
+    ap.add_argument(
         "--model-source", default=DEFAULT_TEXT_MODEL, help="ModelConfig.source (default: the packaged MiniLM)"
     )
     ap.add_argument("--max-rows", type=int, help="BatchLimits.max_rows for every stage (default: the device's)")
@@ -1584,7 +1600,7 @@ def main(argv: list[str] | None = None) -> int:
                     r["c"] = {"error": traceback.format_exc()}
                     log("(c) failed:\n" + r["c"]["error"])
             if "b" not in skip:
-                r["b"] = run_b(spark, tmp, items_uri, args.device, n, limit_flags)
+                r["b"] = run_b(spark, tmp, items_uri, args.device, n, limit_flags, feast=not args.no_feast)
                 if "error" in r["b"]:
                     log("(b) failed:\n" + r["b"]["error"])
                 else:
@@ -1598,7 +1614,17 @@ def main(argv: list[str] | None = None) -> int:
             for prec in b_precisions:
                 # (b'') the same backfill at another precision: informative, what a user's config gets.
                 name = f"b_{prec}"
-                res = run_b(spark, tmp, items_uri, args.device, n, limit_flags, precision=prec, name=name)
+                res = run_b(
+                    spark,
+                    tmp,
+                    items_uri,
+                    args.device,
+                    n,
+                    limit_flags,
+                    precision=prec,
+                    name=name,
+                    feast=not args.no_feast,
+                )
                 if "error" in res:
                     log(f"(b'') {prec} failed:\n" + res["error"])
                 else:
