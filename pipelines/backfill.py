@@ -95,7 +95,8 @@ class _Selection:
     nothing_reason: str | None = None
     delete_missing: bool = False  # full pass: target ids absent from the source go
     has_deletes: bool = False  # change-feed rows: some may carry ``_op = delete``
-    settled: DataFrame | None = None  # stale: rows left out, their outcome already in the quarantine
+    #: stale: this model version's quarantine records; rows they already account for are left out
+    quarantined_before: DataFrame | None = None
 
 
 def _select_rows(
@@ -137,29 +138,10 @@ def _select_rows(
         rows = rows.join(current, on=id_col, how="left_anti")
     if not delta_lineage.table_exists(cfg.target.quarantine, cfg.target.storage_options):
         return _Selection(rows)
-    rows, settled = _split_settled(spark.read.format("delta").load(cfg.target.quarantine), rows, cfg, model_version)
-    return _Selection(rows, settled=settled)
-
-
-def _split_settled(
-    quarantine: DataFrame, rows: DataFrame, cfg: BackfillConfig, model_version: str
-) -> tuple[DataFrame, DataFrame]:
-    """(rows to embed, rows whose outcome the quarantine table already holds).
-
-    Rows without an embedding include the ones quarantined before: empty text, duplicate ids,
-    texts the model or the output checks rejected. Their outcome is a function of the text and the
-    model, so a stale run would only quarantine them again, append the same records, and, since they
-    can make up most of a small stale run, trip the quality gate over rows an earlier run already
-    accounted for. A row is left out when the quarantine holds a record from this model version
-    with its id and text (null-safe); for a duplicate-id record, only while the id is still
-    duplicated. A changed text, a new model, or a duplicate resolved brings the row back.
-    """
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    id_col, text_col = cfg.source.id_column, cfg.source.text_column
     records = (
-        quarantine.filter(F.col("model_version") == model_version)
+        spark.read.format("delta")
+        .load(cfg.target.quarantine)
+        .filter(F.col("model_version") == model_version)
         .select(
             F.col("item_id").alias("_q_id"),
             F.col("text").alias("_q_text"),
@@ -167,15 +149,32 @@ def _split_settled(
         )
         .distinct()
     )
-    keyed = rows.withColumn("_copies", F.count(F.lit(1)).over(Window.partitionBy(id_col)))
-    same = (
-        F.col(id_col).cast("string").eqNullSafe(F.col("_q_id"))
-        & F.col(text_col).cast("string").eqNullSafe(F.col("_q_text"))
-        & (~F.col("_q_duplicate") | (F.col("_copies") > 1))
+    return _Selection(rows, quarantined_before=records)
+
+
+def _split_settled(
+    rows: DataFrame, records: DataFrame, id_col: str, text_col: str, *, duplicated: bool
+) -> tuple[DataFrame, DataFrame]:
+    """(rows to process, rows whose outcome ``records`` already hold), for rows whose ids are all
+    unique in the selection (``duplicated=False``) or all duplicated in it (``duplicated=True``).
+
+    Right after a full run, the rows without an embedding are the ones it quarantined: empty text,
+    duplicate ids, texts the model or the output checks rejected. Their outcome is a function of
+    the text, the model and, for a duplicate, its id's copies, so a stale run would only quarantine
+    them again, append the same records, and, as they can be most of a small stale run, trip the
+    quality gate over rows an earlier run already accounted for. A row is settled by a record of
+    this model version with its id and text (null-safe) of its own kind: a unique row by a record of
+    a check on it, a duplicated row by a duplicate-id record. So a changed text, a new model, a
+    resolved duplicate (now unique) brings a row back, and a new copy of a settled duplicate is
+    quarantined as one (it counts in its id's copies, which are taken before this split).
+    """
+    from pyspark.sql import functions as F
+
+    kind = records.filter(F.col("_q_duplicate") if duplicated else ~F.col("_q_duplicate")).select("_q_id", "_q_text")
+    recorded = F.col(id_col).cast("string").eqNullSafe(F.col("_q_id")) & F.col(text_col).cast("string").eqNullSafe(
+        F.col("_q_text")
     )
-    todo = keyed.join(records, same, "left_anti").drop("_copies")
-    settled = keyed.join(records, same, "left_semi").drop("_copies")
-    return todo, settled
+    return rows.join(kind, recorded, "left_anti"), rows.join(kind, recorded, "left_semi")
 
 
 def _input_duplicates(rows: DataFrame, id_col: str) -> tuple[DataFrame, DataFrame, DataFrame]:
@@ -351,10 +350,14 @@ def run_backfill(
     counted, unique, dupes = _input_duplicates(upserts.select(id_col, text_col), id_col)
     counted.persist(StorageLevel.MEMORY_AND_DISK)
     n_in = counted.count()
+    if selection.quarantined_before is not None:
+        records = selection.quarantined_before
+        unique, settled_unique = _split_settled(unique, records, id_col, text_col, duplicated=False)
+        dupes, settled_dupes = _split_settled(dupes, records, id_col, text_col, duplicated=True)
+        summary.rows_settled = settled_unique.count() + settled_dupes.count()
+        n_in -= summary.rows_settled
     n_deleted = deletes.count() if selection.has_deletes else 0  # else a needless source re-scan
     summary.rows_in, summary.rows_deleted = n_in, n_deleted
-    if selection.settled is not None:
-        summary.rows_settled = selection.settled.count()
 
     # 3. Inference, once: persisted, then split.
     model_cfg = cfg.model

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pytest
-from deltalake import DeltaTable
+from deltalake import DeltaTable, write_deltalake
 
 from pipelines.backfill import run_backfill
 from pipelines.config import BackfillConfig, load_config
@@ -221,28 +221,40 @@ def test_stale_leaves_rows_already_quarantined_by_this_model_alone_until_their_t
     assert fixed in set(_target(tmp_path).column("item_id").to_pylist())
 
 
-def test_stale_leaves_duplicate_ids_out_only_while_they_are_still_duplicated(spark, tmp_path) -> None:
+def test_stale_leaves_duplicate_ids_out_only_while_their_copies_stay_as_recorded(spark, tmp_path) -> None:
     from delta.tables import DeltaTable as SparkDeltaTable
 
     table = generate_items(20, seed=1)
-    copies = table.slice(0, 2)
-    copies = copies.set_column(
-        copies.schema.get_field_index("text"),
-        "text",
-        pa.array([f"{t} (copy)" for t in copies.column("text").to_pylist()]),
-    )
-    write_items_table(str(tmp_path / "items"), pa.concat_tables([table, copies]))
-    cfg = _cfg(tmp_path, mode="full", validation={"max_quarantine_fraction": 0.5})
-    assert run_backfill(cfg, spark).quarantined == {"input": 4}
-    stale_cfg = _cfg(tmp_path, mode="stale", validation={"max_quarantine_fraction": 0.5})
+    copies = _with_text_suffix(table.slice(0, 2), " (copy)")
+    items = str(tmp_path / "items")
+    write_items_table(items, pa.concat_tables([table, copies]))
+    assert run_backfill(
+        _cfg(tmp_path, mode="full", validation={"max_quarantine_fraction": 0.5}), spark
+    ).quarantined == {"input": 4}
+    stale_cfg = _cfg(tmp_path, mode="stale", validation={"max_quarantine_fraction": 1.0})
 
-    assert run_backfill(stale_cfg, spark).rows_settled == 4
+    unchanged = run_backfill(stale_cfg, spark)
+    assert (unchanged.rows_in, unchanged.rows_settled) == (0, 4)
 
-    SparkDeltaTable.forPath(spark, str(tmp_path / "items")).delete("text LIKE '% (copy)'")
+    # A third copy: the id is still duplicated, so the new row is quarantined as one, not embedded
+    # as the id's only row, and the two recorded copies stay settled.
+    third = _with_text_suffix(table.slice(0, 1), " (third)")
+    write_deltalake(items, third, mode="append")
+    joined = run_backfill(stale_cfg, spark)
+    assert (joined.rows_in, joined.quarantined, joined.rows_settled) == (1, {"input": 1}, 4)
+    duplicated_id = table.column("item_id")[0].as_py()
+    assert duplicated_id not in set(_target(tmp_path).column("item_id").to_pylist())
+
+    SparkDeltaTable.forPath(spark, items).delete("text LIKE '% (copy)' OR text LIKE '% (third)'")
     resolved = run_backfill(stale_cfg, spark)
 
     assert (resolved.rows_in, resolved.rows_out, resolved.rows_settled) == (2, 2, 0)
     assert set(copies.column("item_id").to_pylist()) <= set(_target(tmp_path).column("item_id").to_pylist())
+
+
+def _with_text_suffix(rows: pa.Table, suffix: str) -> pa.Table:
+    texts = pa.array([f"{t}{suffix}" for t in rows.column("text").to_pylist()])
+    return rows.set_column(rows.schema.get_field_index("text"), "text", texts)
 
 
 def _bad_ids(table: pa.Table) -> set[str]:
