@@ -97,6 +97,8 @@ class PaceTracker:
         if not p.done or not p.started or self._changed_at <= p.started:
             return Pace(None, None)
         rate = p.rows_done / (self._changed_at - p.started)
+        if rate <= 0:  # no rows to count (an empty run: a stale run with nothing stale)
+            return Pace(None, None)
         left = max(0.0, (p.rows_total - p.rows_done) / rate - (now - self._changed_at))
         return Pace(rate, left)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from transforms.spark.progress import PaceTracker, Progress, StageCounts, measure
+from transforms.spark.progress import Pace, PaceTracker, Progress, StageCounts, measure
 
 T0 = 1_000.0
 SCAN = StageCounts(0, tasks=3, completed=3, submitted=T0)
@@ -64,6 +64,14 @@ def test_long_waits_read_in_minutes_and_a_finished_stage_has_no_time_left() -> N
     done = measure([_work(8, tasks=8, submitted=T0)], tasks=8, rows_total=80_000)
     assert done is not None
     assert done.describe("x", PaceTracker().update(done, T0 + 100)) == "x: 8/8 tasks · ~80,000/80,000 rows · 800 rows/s"
+
+
+def test_an_empty_run_has_no_pace_and_does_not_divide_by_zero() -> None:
+    """A stale run with nothing stale still runs its (empty) stage: 0 rows over 4 tasks."""
+    empty = measure([_work(4, tasks=4, submitted=T0)], tasks=4, rows_total=0)
+    assert empty is not None
+    assert PaceTracker().update(empty, T0 + 3) == Pace(None, None)
+    assert empty.describe("embedding", Pace(None, None)) == "embedding: 4/4 tasks · ~0/0 rows"
 
 
 def test_failed_attempts_are_said() -> None:
