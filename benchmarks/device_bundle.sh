@@ -5,9 +5,9 @@
 # call carries at most 64 MiB. So the backfill (bench row (b)) has never run under Spark on a GPU.
 # This packs a jlink'ed Java 17 runtime, pyspark (Python and jars, less the jars a local backfill
 # never loads: Hive, Kubernetes, Connect, MLlib, RocksDB ...), delta-spark's Python and jars, and
-# deltalake into one tar.xz, split into chunks that each fit one call. Files a call leaves outside
-# the repo stay while the machine is warm (30 s between calls), so one call per chunk copies it to
-# /tmp/sluice-bundle and the last one unpacks and runs.
+# deltalake into one tar.xz, split into chunks that each fit one call. A warm machine keeps what
+# earlier calls wrote (it is given back 30 s after a call), so one call per chunk copies it to
+# /tmp/sluice-bundle and the benchmark's call unpacks it (not yet tried on the device).
 #
 #   benchmarks/device_bundle.sh build [OUT=.bundle] [CHUNK_MIB=58]  # here; prints the calls to make
 #   benchmarks/device_bundle.sh stash CHUNK_DIR                        # there, once per chunk
