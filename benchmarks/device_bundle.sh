@@ -154,9 +154,9 @@ check() {
   env -i HOME="$HOME" PATH="$scratch/jre/bin:/usr/bin:/bin" JAVA_HOME="$scratch/jre" \
     SPARK_HOME="$scratch/site/pyspark" PYTHONPATH="$scratch/site:$ROOT" SLUICE_SPARK_JARS="$scratch/delta-jars" \
     "$python" - <<'EOF'
-import sys, tempfile
+import os, sys, tempfile
 import pyspark, deltalake
-assert pyspark.__file__.startswith(sys.path[1]) or "site/pyspark" in pyspark.__file__, pyspark.__file__
+assert pyspark.__file__.startswith(os.environ["SPARK_HOME"]), f"pyspark came from {pyspark.__file__}"
 from transforms.spark.session import get_session
 spark = get_session(app_name="bundle-check", master="local[2]")
 path = tempfile.mkdtemp() + "/t"

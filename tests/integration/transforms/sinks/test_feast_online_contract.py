@@ -410,6 +410,14 @@ def _lookup_one_of_kind(sink: FeastViewSink) -> list[dict[str, object] | None]:
 _PUBLISHER = {"embeddings": "`sluice backfill`", "scores": "`sluice score-stream`"}
 
 
+def _assert_names_the_job(message: str, kind: str, what: str) -> None:
+    """One line saying what is missing and which sluice command publishes it, in a reader's words."""
+    assert "\n" not in message
+    assert what in message
+    assert f"run {_PUBLISHER[kind]} for it first" in message
+    assert "apply()" not in message
+
+
 @SINK_KINDS
 def test_lookup_where_nothing_was_published_says_which_job_to_run_and_creates_nothing(
     store_config: FeastConfig, tmp_path: Path, kind: str
@@ -423,10 +431,7 @@ def test_lookup_where_nothing_was_published_says_which_job_to_run_and_creates_no
     with pytest.raises(SinkError) as error:
         _lookup_one_of_kind(reader)
 
-    message = str(error.value)
-    assert "\n" not in message
-    assert f"no registry at {store_config.registry}" in message
-    assert f"run {_PUBLISHER[kind]} for it first" in message
+    _assert_names_the_job(str(error.value), kind, f"no registry at {store_config.registry}")
     assert sorted(tmp_path.rglob("*")) == before
 
 
@@ -442,11 +447,7 @@ def test_lookup_of_a_view_the_registry_lacks_says_which_job_to_run(
     with pytest.raises(SinkError) as error:
         _lookup_one_of_kind(reader)
 
-    message = str(error.value)
-    assert "\n" not in message
-    assert f"is not in registry {store_config.registry}" in message
-    assert f"run {_PUBLISHER[kind]} for it first" in message
-    assert "apply()" not in message
+    _assert_names_the_job(str(error.value), kind, f"is not in registry {store_config.registry}")
 
 
 # -- the ad-scoring job's sink: latest score per (user, ad) ----------------------------------------
